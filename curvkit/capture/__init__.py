@@ -1,0 +1,28 @@
+"""Capture: the only package that registers hooks.
+
+One forward (and the needed backward passes) on a batch stores, per supported layer, the layer
+inputs ``a`` and back-propagated errors ``e`` -- never per-sample gradients of size P×N.
+"""
+
+from curvkit.capture.batch import Captured, capture
+from curvkit.capture.hooks import Recorder, Records, WeightSharingError, layer_errors, record
+from curvkit.capture.layers import (
+    SUPPORTED_LAYERS,
+    LayerAdapter,
+    UnsupportedLayerError,
+    find_layers,
+)
+from curvkit.capture.targets import (
+    KINDS,
+    LIKELIHOODS,
+    exact_factor,
+    loss_gradient,
+    output_seeds,
+    sample_targets,
+)
+
+__all__ = [
+    "capture", "Captured", "record", "Records", "Recorder", "layer_errors", "WeightSharingError",
+    "LayerAdapter", "find_layers", "SUPPORTED_LAYERS", "UnsupportedLayerError",
+    "KINDS", "LIKELIHOODS", "output_seeds", "sample_targets", "loss_gradient", "exact_factor",
+]

@@ -1,0 +1,8 @@
+"""(model, loss, batch) -> immutable :class:`Curvature` snapshots built from linalg operators."""
+
+from curvkit.curvature import fisher as _fisher_structures  # noqa: F401  (registers structures)
+from curvkit.curvature.base import FISHER_FORMULAS, Curvature
+from curvkit.curvature.build import BuildContext, fisher, register_structure, structures
+
+__all__ = ["Curvature", "fisher", "register_structure", "structures", "BuildContext",
+           "FISHER_FORMULAS"]

@@ -1,0 +1,147 @@
+"""The immutable curvature snapshot every structure returns.
+
+A :class:`Curvature` is a :class:`~curvkit.linalg.LinearOperator` in *parameter space*: vectors
+are the parameters ``F.params`` flattened row-major and concatenated in that order. Internally it
+wraps an operator in *layer space*, where layer ``l`` occupies ``vec_r(W̃_l)`` with
+``W̃_l = [W_l | b_l]`` (``d_out × d_in``), layers in model order. ``index`` maps the two:
+``layer_vector = flat_vector[index]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.capture import Captured, LayerAdapter
+from curvkit.linalg import LinearOperator
+
+FISHER_FORMULAS = {
+    "exact": "F = (1/N) Σₙ E_{y∼p(·|xₙ)}[g gᵀ]",
+    "mc": "F = (1/(N·S)) Σₙ Σₛ g(ŷₙₛ) g(ŷₙₛ)ᵀ, ŷₙₛ ∼ p(·|xₙ)",
+    "empirical": "F = (1/N) Σₙ g(yₙ) g(yₙ)ᵀ",
+}
+
+
+class Curvature(LinearOperator):
+    """Fisher curvature of one batch at fixed parameters, with one operator contract.
+
+    ``g = ∇_θ(−log p(y|xₙ, θ))``; the formula of the kind is in :attr:`formula`.
+
+    Attributes:
+        params: the parameters (vector layout).
+        layers: the supported layers owning them, in model order.
+        kind: ``"exact"``, ``"mc"`` or ``"empirical"`` (or ``None`` for loss-free structures).
+        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        structure: ``"full"``, ``"block_diag"``, ``"kfac"``, ``"foof"``, ``"diag"``, ...
+        num_data: ``N``, the batch size the mean Fisher is taken over.
+        operator: the layer-space operator.
+        captured: per-layer inputs/errors when the structure used them (else ``None``).
+    """
+
+    def __init__(
+        self,
+        operator: LinearOperator,
+        params: Sequence[nn.Parameter],
+        layers: Sequence[LayerAdapter],
+        index: Tensor,
+        *,
+        kind: str | None,
+        likelihood: str,
+        structure: str,
+        num_data: int,
+        captured: Captured | None = None,
+        info: dict | None = None,
+    ) -> None:
+        self.params = list(params)
+        super().__init__(
+            operator.shape[0], operator.dtype, operator.device,
+            block_shapes=[p.shape for p in self.params],
+            name=f"Fisher(kind={kind!r}, structure={structure!r})",
+        )
+        self.operator = operator
+        self.layers = list(layers)
+        self.kind, self.likelihood, self.structure = kind, likelihood, structure
+        self.num_data = int(num_data)
+        self.captured = captured
+        self.info = dict(info or {})
+        self.damping_modes = operator.damping_modes
+        index = index.to(self.device)
+        self._identity = bool(
+            index.shape[0] == self.shape[0]
+            and torch.equal(index, torch.arange(index.shape[0], device=self.device))
+        )
+        self.index = index
+
+    # ------------------------------------------------------------------ description
+    @property
+    def formula(self) -> str:
+        """The Fisher definition and scaling this operator represents (or approximates)."""
+        base = FISHER_FORMULAS.get(self.kind, "F_A = Â ⊗ I (loss-independent)")
+        return f"{base}, g = ∇θ(−log p(y|x,θ)), likelihood={self.likelihood!r}, N={self.num_data}"
+
+    def __repr__(self) -> str:
+        return (f"Curvature(structure={self.structure!r}, kind={self.kind!r}, "
+                f"likelihood={self.likelihood!r}, P={self.shape[0]}, N={self.num_data}; "
+                f"{self.formula})")
+
+    # ------------------------------------------------------------------ layout
+    @cached_property
+    def _inverse_index(self) -> Tensor:
+        inv = torch.empty_like(self.index)
+        inv[self.index] = torch.arange(self.index.shape[0], device=self.device)
+        return inv
+
+    def to_layer_space(self, X: Tensor) -> Tensor:
+        """Flat parameter-space ``(P, k)`` -> layer-space ``(P, k)``."""
+        return X if self._identity else X[self.index]
+
+    def from_layer_space(self, Y: Tensor) -> Tensor:
+        """Layer-space ``(P, k)`` -> flat parameter-space ``(P, k)``."""
+        if self._identity:
+            return Y
+        out = torch.empty_like(Y)
+        out[self.index] = Y
+        return out
+
+    def layer_matrices(self, v) -> list[Tensor]:
+        """Split a vector (any format) into per-layer ``W̃_l`` matrices ``(d_out, d_in)``."""
+        X, _ = self._to_matrix(v)
+        Y = self.to_layer_space(X)[:, 0]
+        return [blk.reshape(l.d_out, l.d_in)
+                for l, blk in zip(self.layers, Y.split([l.size for l in self.layers]))]
+
+    def from_layer_matrices(self, mats: Sequence[Tensor]) -> list[Tensor]:
+        """Per-layer ``W̃_l`` matrices -> list of tensors shaped like :attr:`params`."""
+        Y = torch.cat([m.reshape(-1) for m in mats]).unsqueeze(1)
+        return self._from_matrix(self.from_layer_space(Y), "list")
+
+    # ------------------------------------------------------------------ contract
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self.from_layer_space(self.operator._matmat(self.to_layer_space(X)))
+
+    def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
+        return self.from_layer_space(
+            self.operator._solve(self.to_layer_space(X), damping, damping_mode))
+
+    def _logdet(self, damping: float) -> Tensor:
+        return self.operator._logdet(damping)
+
+    def _is_singular(self) -> bool:
+        return self.operator._is_singular()
+
+    def _rank_bound(self) -> int:
+        return self.operator._rank_bound()
+
+    def diagonal(self) -> Tensor:
+        d = self.operator.diagonal()
+        return d if self._identity else d[self._inverse_index]
+
+    def to_dense(self) -> Tensor:
+        D = self.operator.to_dense()
+        if self._identity:
+            return D
+        inv = self._inverse_index
+        return D[inv][:, inv]

@@ -1,0 +1,23 @@
+"""Pure tensor algebra: the operator contract and the small operators structures are built from.
+
+No ``nn.Module``, no hooks, no data here.
+"""
+
+from curvkit.linalg.blockdiag import BlockDiagonal
+from curvkit.linalg.dense import Dense
+from curvkit.linalg.diagonal import Diagonal
+from curvkit.linalg.operator import (
+    InverseOperator,
+    LinearOperator,
+    SingularError,
+    available_memory_bytes,
+    check_memory,
+)
+from curvkit.linalg.outer import OuterProductFactor
+from curvkit.linalg.woodbury import DenseFactor, LowRankFactor, StackedFactor, Woodbury
+
+__all__ = [
+    "LinearOperator", "InverseOperator", "SingularError", "check_memory", "available_memory_bytes",
+    "Woodbury", "LowRankFactor", "DenseFactor", "StackedFactor", "OuterProductFactor",
+    "BlockDiagonal", "Diagonal", "Dense",
+]

@@ -1,0 +1,143 @@
+"""The per-layer factor of a subsampled Fisher: columns are sums of outer products.
+
+Index letters used throughout (declared once):
+
+* ``n`` -- input (datapoint) index, ``N`` of them;
+* ``r`` -- repeat index per input (label / MC sample / output seed), ``R`` of them, so the
+  ``M = N·R`` columns are ordered input-major, ``m = n·R + r``;
+* ``t`` -- location index (``T = 1`` for a dense layer, ``H_out·W_out`` for a convolution);
+* ``o`` -- output unit (``d_out``), ``d`` -- input feature (``d_in``, incl. a ones column for a bias);
+* ``k`` -- right-hand side index.
+
+Column ``m = (n, r)`` of the layer factor ``U`` is ``vec_r(Σ_t e_{n r t} a_{n t}ᵀ)`` (row-major
+``d_out × d_in``), i.e. the per-sample gradient of that column (math_spec §2, §3.5). Scalars such as
+``1/√N`` or ``√p`` are already folded into ``e``. Then (math_spec §3.2, §3.5)::
+
+    (Uᵀ X)_m   = Σ_t e_{mt}ᵀ V a_{n t}                     V = mat_r(X)
+    (U w)      = vec_r( Σ_{n,t} (Σ_r w_{nr} e_{nrt}) a_{nt}ᵀ )
+    K_{m m'}   = Σ_{t,t'} (a_{nt}·a_{n't'}) (e_{mt}·e_{m't'})  (Hadamard of Grams when T = 1)
+
+For ``T > 1`` the Gram uses either the location-Gram route or the per-sample-gradient route,
+whichever needs fewer flops (both exact).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvkit.linalg.operator import check_memory
+from curvkit.linalg.woodbury import LowRankFactor
+
+#: Peak bytes per chunk of intermediate tensors in Gram computations.
+CHUNK_BYTES = 2**28
+
+
+class OuterProductFactor(LowRankFactor):
+    """Layer factor ``U`` from inputs ``a (N, T, d_in)`` and errors ``e (N·R, T, d_out)``.
+
+    Args:
+        a: layer inputs (unfolded patches for a convolution; with a ones column for a bias).
+        e: back-propagated errors with all scalings folded in, ``R`` columns per input,
+            ordered input-major.
+        gram_route: ``"auto"``, ``"hadamard"`` (location Gram) or ``"per_sample"``.
+    """
+
+    def __init__(self, a: Tensor, e: Tensor, gram_route: str = "auto") -> None:
+        if a.dim() != 3 or e.dim() != 3:
+            raise ValueError(f"a and e must be 3-D (N, T, d), got {tuple(a.shape)}, {tuple(e.shape)}")
+        N, T, d_in = a.shape
+        M, T2, d_out = e.shape
+        if T2 != T or M % N != 0:
+            raise ValueError(f"incompatible a {tuple(a.shape)} and e {tuple(e.shape)}")
+        if gram_route not in ("auto", "hadamard", "per_sample"):
+            raise ValueError(f"gram_route must be auto/hadamard/per_sample, got {gram_route!r}")
+        self.a, self.e = a, e
+        self.N, self.R, self.T, self.d_in, self.d_out = N, M // N, T, d_in, d_out
+        self.size, self.rank = d_out * d_in, M
+        self.dtype, self.device = e.dtype, e.device
+        if gram_route == "auto":
+            gram_route = self.cheaper_gram_route()
+        self.gram_route = gram_route
+
+    def cheaper_gram_route(self) -> str:
+        """Pick the Gram route with fewer flops (``T = 1``: always Hadamard)."""
+        if self.T == 1:
+            return "hadamard"
+        N, M, T = self.N, self.rank, self.T
+        hadamard = (N * N * self.d_in + M * M * self.d_out) * T * T + M * M * T * T
+        per_sample = M * T * self.d_in * self.d_out + M * M * self.d_in * self.d_out
+        return "hadamard" if hadamard <= per_sample else "per_sample"
+
+    # ------------------------------------------------------------------ products
+    def rmatmat(self, X: Tensor) -> Tensor:
+        k = X.shape[1]
+        V = X.T.reshape(k, self.d_out, self.d_in)
+        if self.T == 1:
+            VA = torch.matmul(self.a[:, 0, :], V.transpose(1, 2))  # (k, N, o)
+            e = self.e[:, 0, :].reshape(self.N, self.R, self.d_out)
+            u = torch.einsum("nro,kno->nrk", e, VA)
+        else:
+            VA = torch.einsum("ntd,kod->ntok", self.a, V)  # (N, T, o, k)
+            e = self.e.reshape(self.N, self.R, self.T, self.d_out)
+            u = torch.einsum("nrto,ntok->nrk", e, VA)
+        return u.reshape(self.rank, k)
+
+    def matmat(self, W: Tensor) -> Tensor:
+        k = W.shape[1]
+        Wr = W.reshape(self.N, self.R, k)
+        e = self.e.reshape(self.N, self.R, self.T, self.d_out)
+        Ew = torch.einsum("nrk,nrto->knto", Wr, e).reshape(k, self.N * self.T, self.d_out)
+        A = self.a.reshape(self.N * self.T, self.d_in)
+        out = torch.matmul(Ew.transpose(1, 2), A)  # (k, o, d)
+        return out.reshape(k, self.size).T
+
+    def per_sample_gradients(self) -> Tensor:
+        """``(M, d_out, d_in)`` per-column gradients ``Σ_t e_{mt} a_{n t}ᵀ`` (materialised)."""
+        check_memory(self.rank * self.size * self.e.element_size() * 2,
+                     f"per-sample gradients of a {self.d_out}×{self.d_in} layer", self.device)
+        e = self.e.reshape(self.N, self.R, self.T, self.d_out)
+        return torch.einsum("nrto,ntd->nrod", e, self.a).reshape(self.rank, self.d_out, self.d_in)
+
+    def gram(self) -> Tensor:
+        if self.gram_route == "per_sample":
+            g = self.per_sample_gradients().reshape(self.rank, -1)
+            return g @ g.T
+        if self.T == 1:
+            Ka = self.a[:, 0, :] @ self.a[:, 0, :].T
+            Ke = self.e[:, 0, :] @ self.e[:, 0, :].T
+            if self.R > 1:
+                Ka = Ka.repeat_interleave(self.R, 0).repeat_interleave(self.R, 1)
+            return Ka * Ke
+        return self._location_gram()
+
+    def _location_gram(self) -> Tensor:
+        """``K_{mm'} = Σ_{t,t'} (a_{nt}·a_{n't'})(e_{mt}·e_{m't'})``, chunked over inputs."""
+        N, R, T = self.N, self.R, self.T
+        M = self.rank
+        K = torch.empty(M, M, dtype=self.dtype, device=self.device)
+        per_pair = R * R * T * T * self.e.element_size() * 3
+        c = max(1, int((CHUNK_BYTES / per_pair) ** 0.5))
+        e = self.e.reshape(N, R, T, self.d_out)
+        for i in range(0, N, c):
+            ai, ei = self.a[i : i + c], e[i : i + c]
+            for j in range(0, N, c):
+                aj, ej = self.a[j : j + c], e[j : j + c]
+                Ka = torch.einsum("itd,jsd->ijts", ai, aj)
+                Ke = torch.einsum("irto,jqso->irjqts", ei, ej)
+                blk = torch.einsum("irjqts,ijts->irjq", Ke, Ka)
+                ni, nj = ai.shape[0], aj.shape[0]
+                K[i * R : (i + ni) * R, j * R : (j + nj) * R] = blk.reshape(ni * R, nj * R)
+        return K
+
+    def sq_row_norms(self) -> Tensor:
+        if self.T == 1:
+            e2 = (self.e[:, 0, :] ** 2).reshape(self.N, self.R, self.d_out).sum(1)  # (N, o)
+            return (e2.T @ self.a[:, 0, :] ** 2).reshape(-1)
+        out = torch.zeros(self.d_out, self.d_in, dtype=self.dtype, device=self.device)
+        c = max(1, int(CHUNK_BYTES / max(1, self.R * self.size * self.e.element_size())))
+        e = self.e.reshape(self.N, self.R, self.T, self.d_out)
+        for i in range(0, self.N, c):
+            g = torch.einsum("nrto,ntd->nrod", e[i : i + c], self.a[i : i + c])
+            out += (g**2).sum((0, 1))
+        return out.reshape(-1)

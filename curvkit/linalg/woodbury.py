@@ -1,0 +1,232 @@
+"""Low-rank operators ``A = U Uᵀ`` and their damped inverse by the Woodbury identity.
+
+``U ∈ R^{P×M}`` is never materialised: a :class:`LowRankFactor` gives only ``Uᵀ X``, ``U W`` and
+the ``M × M`` Gram ``K = Uᵀ U``. With ``λ > 0`` (math_spec §3.1, paper eq. 20)::
+
+    (λ I_P + U Uᵀ)⁻¹ X = λ⁻¹ [ X − U (λ I_M + K)⁻¹ Uᵀ X ]
+    log det(λ I_P + U Uᵀ) = (P − M) log λ + log det(λ I_M + K)
+
+The ``M × M`` system is factorised once per damping value by Cholesky in float64 (eigh fallback).
+When ``P ≤ M`` the "primal" route forms ``U Uᵀ`` (``P × P``) instead, which is cheaper and also
+allows ``λ = 0`` when ``U Uᵀ`` is non-singular.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from curvkit.linalg.operator import LinearOperator, SingularError, check_memory
+
+
+class LowRankFactor:
+    """Abstract ``U ∈ R^{P×M}`` given through products only.
+
+    Attributes:
+        size: ``P`` (rows).
+        rank: ``M`` (columns).
+        dtype, device: of the vectors it acts on.
+    """
+
+    size: int
+    rank: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def rmatmat(self, X: Tensor) -> Tensor:
+        """``Uᵀ X`` for ``X`` of shape ``(P, k)`` -> ``(M, k)``."""
+        raise NotImplementedError
+
+    def matmat(self, W: Tensor) -> Tensor:
+        """``U W`` for ``W`` of shape ``(M, k)`` -> ``(P, k)``."""
+        raise NotImplementedError
+
+    def gram(self) -> Tensor:
+        """``K = Uᵀ U`` of shape ``(M, M)``."""
+        raise NotImplementedError
+
+    def sq_row_norms(self) -> Tensor:
+        """``diag(U Uᵀ)`` of shape ``(P,)``; default from materialising ``U`` in chunks."""
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        eye = torch.eye(self.rank, dtype=self.dtype, device=self.device)
+        for j in range(0, self.rank, 256):
+            cols = self.matmat(eye[:, j : j + 256])
+            out += (cols**2).sum(1)
+        return out
+
+
+class DenseFactor(LowRankFactor):
+    """``U`` given explicitly as a ``(P, M)`` tensor (tests, small problems)."""
+
+    def __init__(self, U: Tensor) -> None:
+        if U.dim() != 2:
+            raise ValueError(f"U must be 2-D (P, M), got shape {tuple(U.shape)}")
+        self.U = U
+        self.size, self.rank = U.shape
+        self.dtype, self.device = U.dtype, U.device
+
+    def rmatmat(self, X: Tensor) -> Tensor:
+        return self.U.T @ X
+
+    def matmat(self, W: Tensor) -> Tensor:
+        return self.U @ W
+
+    def gram(self) -> Tensor:
+        return self.U.T @ self.U
+
+    def sq_row_norms(self) -> Tensor:
+        return (self.U**2).sum(1)
+
+
+class StackedFactor(LowRankFactor):
+    """Row-wise stack ``U = [U_1; U_2; …]`` of factors sharing the same ``M`` columns.
+
+    Used for the full Fisher: each block is one layer, so ``K = Σ_l U_lᵀ U_l``.
+    """
+
+    def __init__(self, blocks: list[LowRankFactor]) -> None:
+        if not blocks:
+            raise ValueError("StackedFactor needs at least one block")
+        ranks = {b.rank for b in blocks}
+        if len(ranks) != 1:
+            raise ValueError(f"all blocks must share the number of columns M, got {sorted(ranks)}")
+        self.blocks = blocks
+        self.sizes = [b.size for b in blocks]
+        self.size, self.rank = sum(self.sizes), blocks[0].rank
+        self.dtype, self.device = blocks[0].dtype, blocks[0].device
+
+    def rmatmat(self, X: Tensor) -> Tensor:
+        parts = X.split(self.sizes, dim=0)
+        out = self.blocks[0].rmatmat(parts[0])
+        for b, x in zip(self.blocks[1:], parts[1:]):
+            out = out + b.rmatmat(x)
+        return out
+
+    def matmat(self, W: Tensor) -> Tensor:
+        return torch.cat([b.matmat(W) for b in self.blocks], dim=0)
+
+    def gram(self) -> Tensor:
+        K = self.blocks[0].gram()
+        for b in self.blocks[1:]:
+            K = K + b.gram()
+        return K
+
+    def sq_row_norms(self) -> Tensor:
+        return torch.cat([b.sq_row_norms() for b in self.blocks])
+
+
+class Woodbury(LinearOperator):
+    """``A = U Uᵀ`` (``P × P``, rank ≤ M) with Woodbury solves through the ``M × M`` core.
+
+    Args:
+        factor: the low-rank factor ``U``.
+        route: ``"dual"`` (``M × M`` system), ``"primal"`` (form ``U Uᵀ``), or ``"auto"``
+            (primal when ``P ≤ M``).
+        block_shapes, name: see :class:`~curvkit.linalg.operator.LinearOperator`.
+    """
+
+    def __init__(self, factor: LowRankFactor, route: str = "auto", block_shapes=None,
+                 name: str | None = None) -> None:
+        super().__init__(factor.size, factor.dtype, factor.device, block_shapes, name=name)
+        if route not in ("auto", "dual", "primal"):
+            raise ValueError(f"route must be 'auto', 'dual' or 'primal', got {route!r}")
+        if route == "auto":
+            route = "primal" if factor.size <= factor.rank else "dual"
+        self.factor, self.route = factor, route
+        self._gram: Tensor | None = None
+        self._dense: Tensor | None = None
+        self._chol: dict[float, tuple[str, Tensor, Tensor | None]] = {}
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def rank(self) -> int:
+        return self.factor.rank
+
+    def gram(self) -> Tensor:
+        """``K = Uᵀ U`` in float64 (cached)."""
+        if self._gram is None:
+            M = self.factor.rank
+            check_memory(3 * M * M * 8, f"the {M}×{M} Gram of {self.name}", self.device)
+            K = self.factor.gram().to(torch.float64)
+            if not torch.isfinite(K).all():
+                raise FloatingPointError(f"{self.name}: the Gram matrix has non-finite entries")
+            self._gram = 0.5 * (K + K.T)
+        return self._gram
+
+    def dense64(self) -> Tensor:
+        """``U Uᵀ`` (``P × P``) in float64, formed from ``U`` (cached; primal route)."""
+        if self._dense is None:
+            P, M = self.factor.size, self.factor.rank
+            check_memory((P * P + P * M) * 8, f"the {P}×{P} primal matrix of {self.name}",
+                         self.device)
+            U = self.factor.matmat(torch.eye(M, dtype=self.dtype, device=self.device))
+            U = U.to(torch.float64)
+            self._dense = U @ U.T
+            if not torch.isfinite(self._dense).all():
+                raise FloatingPointError(f"{self.name}: the factor has non-finite entries")
+        return self._dense
+
+    def _is_singular(self) -> bool:
+        return self.factor.rank < self.factor.size or self.route == "dual"
+
+    def _rank_bound(self) -> int:
+        return min(self.factor.rank, self.factor.size)
+
+    def _factorize(self, damping: float) -> tuple[str, Tensor, Tensor | None]:
+        """Cholesky (or eigh fallback) of ``λI + K`` (dual) or ``λI + UUᵀ`` (primal), float64."""
+        if damping in self._chol:
+            return self._chol[damping]
+        S = self.gram() if self.route == "dual" else self.dense64()
+        S = S + damping * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+        L, info = torch.linalg.cholesky_ex(S)
+        if int(info) == 0:
+            fac: tuple[str, Tensor, Tensor | None] = ("chol", L, None)
+        else:
+            evals, evecs = torch.linalg.eigh(S)
+            tol = evals.abs().max() * S.shape[0] * torch.finfo(torch.float64).eps
+            if evals.min() <= tol:
+                raise SingularError(
+                    f"{self.name} + {damping}·I is singular (smallest eigenvalue "
+                    f"{evals.min().item():.3g}); pass a larger damping"
+                )
+            fac = ("eigh", evecs, evals)
+        if len(self._chol) > 8:
+            self._chol.clear()
+        self._chol[damping] = fac
+        return fac
+
+    @staticmethod
+    def _apply_inv(fac: tuple[str, Tensor, Tensor | None], B: Tensor) -> Tensor:
+        kind, X, evals = fac
+        if kind == "chol":
+            return torch.cholesky_solve(B, X)
+        return X @ ((X.T @ B) / evals[:, None])
+
+    # ------------------------------------------------------------------ contract
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self.factor.matmat(self.factor.rmatmat(X))
+
+    def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
+        fac = self._factorize(damping)
+        if self.route == "primal":
+            return self._apply_inv(fac, X.to(torch.float64)).to(X.dtype)
+        u = self.factor.rmatmat(X).to(torch.float64)
+        w = self._apply_inv(fac, u).to(X.dtype)
+        return (X - self.factor.matmat(w)) / damping
+
+    def _logdet(self, damping: float) -> Tensor:
+        kind, X, evals = self._factorize(damping)
+        ld = 2 * X.diagonal().log().sum() if kind == "chol" else evals.log().sum()
+        if self.route == "dual":
+            ld = ld + (self.factor.size - self.factor.rank) * math.log(damping)
+        return ld
+
+    def diagonal(self) -> Tensor:
+        return self.factor.sq_row_norms()
+
+    def to_dense(self) -> Tensor:
+        if self.route == "primal":
+            return self.dense64().to(self.dtype)
+        return super().to_dense()
