@@ -6,6 +6,7 @@ No ``nn.Module``, no hooks, no data here.
 from curvkit.linalg.blockdiag import BlockDiagonal
 from curvkit.linalg.dense import Dense
 from curvkit.linalg.diagonal import Diagonal
+from curvkit.linalg.kronecker import Kronecker, pi_damping
 from curvkit.linalg.operator import (
     InverseOperator,
     LinearOperator,
@@ -19,5 +20,5 @@ from curvkit.linalg.woodbury import DenseFactor, LowRankFactor, StackedFactor, W
 __all__ = [
     "LinearOperator", "InverseOperator", "SingularError", "check_memory", "available_memory_bytes",
     "Woodbury", "LowRankFactor", "DenseFactor", "StackedFactor", "OuterProductFactor",
-    "BlockDiagonal", "Diagonal", "Dense",
+    "BlockDiagonal", "Diagonal", "Dense", "Kronecker", "pi_damping",
 ]
