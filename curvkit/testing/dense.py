@@ -92,7 +92,7 @@ def _single_output(model: nn.Module, fixed: dict[str, Tensor]) -> Callable:
 def _nll(likelihood: str) -> Callable[[Tensor, Tensor], Tensor]:
     """``ℓ(f, y) = −log p(y | f)`` for one input (``f`` of shape ``(C,)``)."""
     if likelihood == "classification":
-        return lambda f, y: torch.logsumexp(f, 0) - f[y]
+        return lambda f, y: torch.logsumexp(f, 0) - torch.gather(f, 0, y.reshape(1)).squeeze(0)
     if likelihood == "regression":
         return lambda f, y: 0.5 * ((f - y.reshape(-1)) ** 2).sum()
     return lambda f, y: (nn.functional.softplus(f) - y.reshape(-1) * f).sum()
