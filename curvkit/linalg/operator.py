@@ -335,12 +335,17 @@ def available_memory_bytes(device: torch.device | str = "cpu") -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def _gb(nbytes: float) -> str:
+    gb = nbytes / 1e9
+    return f"{gb:.2f}" if gb >= 0.01 else f"{gb:.2g}"
+
+
 def check_memory(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
     """Raise ``MemoryError`` (saying how many GB) if ``nbytes`` would not fit on ``device``."""
     free = available_memory_bytes(device)
     if nbytes > 0.9 * free:
         raise MemoryError(
-            f"{what} needs {nbytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is available on "
+            f"{what} needs {_gb(nbytes)} GB but only {_gb(free)} GB is available on "
             f"{torch.device(device)}; use a smaller batch, fewer MC samples or a structured "
             "approximation (structure='kfac', 'foof' or 'diag')"
         )
