@@ -160,3 +160,14 @@ def test_repr_names_fisher_formula():
     F = curvkit.fisher(case.model, case.inputs, kind="exact")
     assert "(1/N)" in F.formula and "E_{y∼p" in F.formula
     assert "structure='full'" in repr(F)
+
+
+def test_factorize_precomputes_and_chains():
+    case = mlp(True)
+    F = curvkit.fisher(case.model, case.inputs, kind="exact")
+    assert F.factorize(0.5) is F
+    assert 0.5 in F.operator._chol
+    v = torch.randn(F.shape[0], dtype=torch.float64)
+    dense = dense_fisher(case.model, case.inputs, kind="exact")
+    ref = torch.linalg.solve(dense + 0.5 * torch.eye(dense.shape[0], dtype=torch.float64), v)
+    torch.testing.assert_close(F.solve(v, 0.5), ref)

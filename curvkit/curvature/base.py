@@ -126,6 +126,9 @@ class Curvature(LinearOperator):
         return self.from_layer_space(
             self.operator._solve(self.to_layer_space(X), damping, damping_mode))
 
+    def _prepare(self, damping: float, damping_mode: str) -> None:
+        self.operator._prepare(damping, damping_mode)
+
     def _logdet(self, damping: float) -> Tensor:
         return self.operator._logdet(damping)
 

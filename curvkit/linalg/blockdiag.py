@@ -29,6 +29,10 @@ class BlockDiagonal(LinearOperator):
     def _matmat(self, X: Tensor) -> Tensor:
         return torch.cat([b._matmat(x) for b, x in zip(self.blocks, X.split(self.sizes))])
 
+    def _prepare(self, damping: float, damping_mode: str) -> None:
+        for b in self.blocks:
+            b._prepare(damping, damping_mode)
+
     def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
         return torch.cat([b._solve(x, damping, damping_mode)
                           for b, x in zip(self.blocks, X.split(self.sizes))])

@@ -165,6 +165,12 @@ class Kronecker(LinearOperator):
     def _matmat(self, X: Tensor) -> Tensor:
         return self._from_mats(self.matmul_matrix(self._to_mats(X)))
 
+    def _prepare(self, damping: float, damping_mode: str) -> None:
+        if damping_mode == "heuristic":
+            self.heuristic_inverses(damping)
+        else:
+            self.eig()
+
     def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
         return self._from_mats(self.solve_matrix(self._to_mats(X), damping, damping_mode))
 

@@ -193,6 +193,22 @@ class LinearOperator:
             )
         return InverseOperator(self, self._check_damping(damping), damping_mode)
 
+    def factorize(self, damping: float = 0.0, damping_mode: str = "exact") -> LinearOperator:
+        """Precompute what ``solve(·, damping, damping_mode)`` needs (else done at the first solve).
+
+        Returns ``self``, so ``F.factorize(λ).solve(v, λ)`` chains.
+        """
+        if damping_mode not in self.damping_modes:
+            raise ValueError(
+                f"damping_mode={damping_mode!r} is not available for {self.name}; it supports "
+                f"{list(self.damping_modes)}"
+            )
+        self._prepare(self._check_damping(damping), damping_mode)
+        return self
+
+    def _prepare(self, damping: float, damping_mode: str) -> None:
+        """Hook for :meth:`factorize`; structures with a cached factorisation override it."""
+
     def logdet(self, damping: float = 0.0) -> Tensor:
         """``log det(A + damping·I)`` as a float64 scalar tensor."""
         return self._logdet(self._check_damping(damping))

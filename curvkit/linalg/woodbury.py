@@ -205,6 +205,9 @@ class Woodbury(LinearOperator):
         return X @ ((X.T @ B) / evals[:, None])
 
     # ------------------------------------------------------------------ contract
+    def _prepare(self, damping: float, damping_mode: str) -> None:
+        self._factorize(damping)
+
     def _matmat(self, X: Tensor) -> Tensor:
         return self.factor.matmat(self.factor.rmatmat(X))
 
