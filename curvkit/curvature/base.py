@@ -4,7 +4,7 @@ A :class:`Curvature` is a :class:`~curvkit.linalg.LinearOperator` in *parameter 
 are the parameters ``F.params`` flattened row-major and concatenated in that order. Internally it
 wraps an operator in *layer space*, where layer ``l`` occupies ``vec_r(W̃_l)`` with
 ``W̃_l = [W_l | b_l]`` (``d_out × d_in``), layers in model order. ``index`` maps the two:
-``layer_vector = flat_vector[index]``.
+``layer_vector = flat_vector[index]`` (``index=None``: the identity, nothing is permuted).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Curvature(LinearOperator):
         operator: LinearOperator,
         params: Sequence[nn.Parameter],
         layers: Sequence[LayerAdapter],
-        index: Tensor,
+        index: Tensor | None,
         *,
         kind: str | None,
         likelihood: str,
@@ -68,12 +68,15 @@ class Curvature(LinearOperator):
         self.captured = captured
         self.info = dict(info or {})
         self.damping_modes = operator.damping_modes
-        index = index.to(self.device)
-        self._identity = bool(
-            index.shape[0] == self.shape[0]
-            and torch.equal(index, torch.arange(index.shape[0], device=self.device))
-        )
-        self.index = index
+        self._identity = index is None
+        self._index = None if index is None else index.to(self.device)
+
+    @property
+    def index(self) -> Tensor:
+        """Flat positions of the layer-space entries: ``layer_vector = flat_vector[index]``."""
+        if self._index is None:
+            return torch.arange(self.shape[0], device=self.device)
+        return self._index
 
     # ------------------------------------------------------------------ description
     @property

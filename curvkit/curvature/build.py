@@ -72,8 +72,22 @@ class BuildContext:
         return int(self.inputs.shape[0])
 
 
-def layer_index(params: Sequence[nn.Parameter], layers: Sequence[LayerAdapter]) -> Tensor:
-    """Flat-vector positions of the layer-space layout (see :class:`Curvature`)."""
+def layer_index(params: Sequence[nn.Parameter], layers: Sequence[LayerAdapter]) -> Tensor | None:
+    """Flat-vector positions of the layer-space layout (see :class:`Curvature`).
+
+    Returns ``None`` when the layout is the identity (layers in parameter order, and no layer
+    whose ``[W | b]`` rows interleave weight and bias), so no ``P``-sized index is built.
+    """
+    order = []
+    interleaved = False
+    for layer in layers:
+        if layer.weight:
+            order.append(id(layer.module.weight))
+        if layer.bias:
+            order.append(id(layer.module.bias))
+        interleaved |= layer.weight and layer.bias and layer.d_out > 1
+    if not interleaved and order == [id(p) for p in params]:
+        return None
     offsets, off = {}, 0
     for p in params:
         offsets[id(p)] = off

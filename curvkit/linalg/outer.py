@@ -74,9 +74,11 @@ class OuterProductFactor(LowRankFactor):
         k = X.shape[1]
         V = X.T.reshape(k, self.d_out, self.d_in)
         if self.T == 1:
-            VA = torch.matmul(self.a[:, 0, :], V.transpose(1, 2))  # (k, N, o)
+            VA = torch.matmul(V, self.a[:, 0, :].T)  # (k, o, N): one GEMM with k folded into rows
+            if self.R == 1:
+                return (VA * self.e[:, 0, :].T).sum(1).T.contiguous()
             e = self.e[:, 0, :].reshape(self.N, self.R, self.d_out)
-            u = torch.einsum("nro,kno->nrk", e, VA)
+            u = torch.einsum("nro,kon->nrk", e, VA)
         else:
             VA = torch.einsum("ntd,kod->ntok", self.a, V)  # (N, T, o, k)
             e = self.e.reshape(self.N, self.R, self.T, self.d_out)

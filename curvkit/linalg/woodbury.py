@@ -217,7 +217,8 @@ class Woodbury(LinearOperator):
             return self._apply_inv(fac, X.to(torch.float64)).to(X.dtype)
         u = self.factor.rmatmat(X).to(torch.float64)
         w = self._apply_inv(fac, u).to(X.dtype)
-        return (X - self.factor.matmat(w)) / damping
+        out = self.factor.matmat(w)  # fresh tensor: finish in place, (X − U w) / λ
+        return out.neg_().add_(X).div_(damping)
 
     def _logdet(self, damping: float) -> Tensor:
         kind, X, evals = self._factorize(damping)
