@@ -1,0 +1,212 @@
+"""KFAC with heuristic (factored Tikhonov) or standard (eigenbasis) damping (math_spec §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.capture.optim_hooks import ErrorRecorder
+from curvkit.capture.targets import LIKELIHOODS, check_choice
+from curvkit.linalg import Kronecker
+from curvkit.optim.factored import FactoredOptimizer, Plan, error_factor, input_factor, norm_ratio
+
+DAMPING_MODES = ("heuristic", "standard")
+KFAC_KINDS = ("mc", "exact")
+VARIANTS = ("kfac", "foof")
+RESCALES = (None, "lambda_b", "norm")
+
+
+class KFAC(FactoredOptimizer):
+    """KFAC as used in the paper (Martens & Grosse 2015; Benzing 2022 eq 2, App. D.1).
+
+    Symbols: ``η`` = ``lr``, ``λ`` = ``damping``, ``m`` = ``ema_decay``, ``T`` = ``inv_period``,
+    ``S`` = ``ema_steps``, ``μ`` = ``momentum``, ``ω`` = ``weight_decay``. Per layer, from the
+    batch inputs ``a_{nt}`` and the errors ``ê_{nt} = ∂(−log p(ŷ_n|x_n))/∂s_{nt}`` of labels
+    ``ŷ_n`` sampled from the model (``kind="mc"``; ``kind="exact"`` sums over all labels weighted
+    by their probabilities)::
+
+        Â_t = (1/N) Σ_n Σ_t a_{nt} a_{nt}ᵀ,      B̂_t = (1/(N·T)) Σ_n Σ_t ê_{nt} ê_{nt}ᵀ
+        Ā ← m Ā + (1 − m) Â_t,  B̄ ← m B̄ + (1 − m) B̂_t,  w ← m w + (1 − m)   (statistics steps)
+        Â = Ā/w, B̂ = B̄/w                                                  (normalised EMA)
+        heuristic:  ΔW = −η (B̂ + λ_B I)⁻¹ M (Â + λ_A I)⁻¹,
+                    π = sqrt((tr Â/d_in)/(tr B̂/d_out)), λ_A = π√λ, λ_B = √λ/π   (eq 2)
+        standard:   ΔW = −η U_B [(U_Bᵀ M U_A) ⊘ (s_B s_Aᵀ + λ)] U_Aᵀ  = −η mat((B̂⊗Â + λI)⁻¹ vec M)
+
+    with ``M = μ M_prev + ∇_W L`` and ``Â = U_A diag(s_A) U_Aᵀ``, ``B̂ = U_B diag(s_B) U_Bᵀ`` (the
+    corrected §5.4 formula), plus the decoupled weight decay ``−η ω W``. ``T`` is the number of
+    locations (1 for a dense layer): for convolutions this is the KFC convention (Grosse & Martens
+    2016), ``B̂ ⊗ Â ≈ Fisher block`` under spatial homogeneity. Factorisations are float64 (Cholesky
+    or eigh via :class:`curvkit.linalg.Kronecker`). Heuristic damping is fixed at inversion time;
+    standard damping is applied each step with the current ``λ``.
+
+    The sampled-label errors come from an extra backward pass the optimizer arranges itself: a
+    forward hook on ``model`` back-propagates the sampled-label seeds ``(p − 1_ŷ)/√N`` from the
+    output to the layer outputs right after each forward of a statistics step (with
+    ``retain_graph=True``, no parameter gradients touched), so the user's loop is unchanged. The
+    model output must be the logits / mean ``(N, C)`` of ``likelihood``. Evaluate the model under
+    ``torch.no_grad()`` between steps (the latest grad-enabled forward before ``step`` is used).
+
+    With ``ema_decay=0, inv_period=1`` a step is exactly the damped KFAC step on the current
+    batch, in both damping modes. Schedule: see :mod:`curvkit.optim.factored`.
+
+    **Normalisation.** ``Â`` and ``B̂`` are batch means, so the paper code's ``(η_p, λ_p)`` for
+    dense layers (``A`` = batch sum, ``B`` = batch mean, mean loss) map to ``η = η_p/N``,
+    ``λ = λ_p/N`` (``λ_A`` scales by ``1/N`` and ``λ_B`` is unchanged under the π rule).
+
+    Args:
+        model: the network (trained parameters in ``nn.Linear``/``nn.Conv2d`` only).
+        lr: ``η > 0``.
+        damping: ``λ > 0``.
+        likelihood: ``"classification"`` (softmax on logits), ``"regression"`` (unit-variance
+            Gaussian) or ``"binary"`` (Bernoulli on logits).
+        kind: ``"mc"`` (one sampled label per input, the paper's default) or ``"exact"``.
+        damping_mode: ``"heuristic"`` (eq 2, the paper's default) or ``"standard"``.
+        ema_decay, inv_period, ema_steps, momentum, weight_decay: as for :class:`FOOF`.
+        generator: ``torch.Generator`` for the MC labels (state saved in :meth:`state_dict`).
+        params: parameters or parameter groups (per-group ``lr``, ``damping``, ``momentum``,
+            ``weight_decay``).
+
+    Data parallel: as :class:`FOOF` (both factors are averaged across ranks at inversions).
+    """
+
+    factor_names = ("A", "B")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float,
+        likelihood: str = "classification",
+        kind: str = "mc",
+        damping_mode: str = "heuristic",
+        ema_decay: float = 0.95,
+        inv_period: int = 100,
+        ema_steps: int = 100,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        generator: torch.Generator | None = None,
+        *,
+        params: Iterable | None = None,
+    ) -> None:
+        check_choice(likelihood, LIKELIHOODS, "likelihood")
+        if kind == "empirical":
+            raise ValueError("KFAC: kind='empirical' needs the data labels, which the model's forward "
+                             "pass never sees; supported kinds: 'mc', 'exact'")
+        check_choice(kind, KFAC_KINDS, "kind")
+        check_choice(damping_mode, DAMPING_MODES, "damping_mode")
+        self.likelihood, self.kind, self.damping_mode = likelihood, kind, damping_mode
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(model, params, defaults, ema_decay=ema_decay, inv_period=inv_period,
+                         ema_steps=ema_steps, keep_outputs=True, generator=generator,
+                         needs_generator=kind == "mc")
+        self.errors = ErrorRecorder(model, self.recorder, likelihood, kind, self.generator)
+        self._hooks.append(self.errors)
+        self._set_recording(self.schedule.is_stats(self._step))
+
+    # ------------------------------------------------------------------ recording
+    def _set_recording(self, on: bool) -> None:
+        super()._set_recording(on)
+        if hasattr(self, "errors"):
+            self.errors.enabled = on
+
+    def _reset_records(self) -> None:
+        super()._reset_records()
+        if hasattr(self, "errors"):
+            self.errors.reset()
+
+    def _on_refused(self) -> None:
+        if self.generator is not None and self.errors.generator_state is not None:
+            self.generator.set_state(self.errors.generator_state)
+            self.errors.generator_state = None
+
+    def _batch_factors(self, t: int) -> list[dict[str, Tensor]]:
+        owner = type(self).__name__
+        inputs = self._recorded_inputs(t)
+        if self.errors.nonfinite:
+            raise FloatingPointError(f"{owner}: the model output has non-finite values (nan/inf) at "
+                                     f"step {t}; the step was refused and the optimizer state is "
+                                     "unchanged")
+        if self.errors.errors is None:
+            raise RuntimeError(f"{owner}: step {t} updates the factors, but the sampled-label "
+                               "backward did not run: run the forward pass with gradients enabled "
+                               "before opt.step(), and make the model return its (N, C) output")
+        out = []
+        for layer, a, e in zip(self.layers, inputs, self.errors.errors):
+            self._check_finite("inputs", a, layer.describe(), t, owner)
+            self._check_finite("sampled-label errors", e, layer.describe(), t, owner)
+            out.append({"A": input_factor(a), "B": error_factor(e)})
+        return out
+
+    # ------------------------------------------------------------------ inversion and products
+    def _invert(self, i: int, factors: dict[str, Tensor], damping: float) -> dict[str, Any]:
+        dt = self.dtype
+        K = Kronecker(factors["B"], factors["A"], name=f"KFAC[{self.layers[i].name}]")
+        lam_a, lam_b = K.damping_split(damping)
+        pieces: dict[str, Any] = {"damping": damping, "lambda_A": lam_a, "lambda_B": lam_b}
+        if self.damping_mode == "heuristic":
+            B_inv, A_inv = K.heuristic_inverses(damping)
+            pieces.update(A_inv=A_inv.to(dt), B_inv=B_inv.to(dt))
+        else:
+            sA, UA, sB, UB = K.eig()
+            pieces.update(s_A=sA.to(dt), U_A=UA.to(dt), s_B=sB.to(dt), U_B=UB.to(dt))
+        return pieces
+
+    def _precondition(self, i: int, pieces: dict[str, Any], M: Tensor, damping: float) -> Tensor:
+        if self.damping_mode == "heuristic":
+            return pieces["B_inv"] @ M @ pieces["A_inv"]
+        UA, UB = pieces["U_A"], pieces["U_B"]
+        denom = pieces["s_B"][:, None] * pieces["s_A"][None, :] + damping
+        return UB @ ((UB.T @ M @ UA) / denom) @ UA.T
+
+    def _foof_inverse(self, pieces: dict[str, Any]) -> Tensor:
+        """``(Â + λ_A I)⁻¹`` with KFAC's ``λ_A`` (D.9)."""
+        if "A_inv" in pieces:
+            return pieces["A_inv"]
+        UA = pieces["U_A"]
+        return (UA / (pieces["s_A"] + pieces["lambda_A"])) @ UA.T
+
+    def _directions(self, plan: Plan, variant: str = "kfac", rescale: str | None = None
+                    ) -> list[Tensor | None]:
+        kfac = super()._directions(plan)
+        if variant == "kfac":
+            return kfac
+        out: list[Tensor | None] = []
+        for i, (M, D) in enumerate(zip(plan.vectors, kfac)):
+            if M is None:
+                out.append(None)
+                continue
+            pieces = self._pieces(plan, i)
+            F = M @ self._foof_inverse(pieces)
+            if rescale == "lambda_b":
+                F = F / pieces["lambda_B"]
+            elif rescale == "norm":
+                F = F * norm_ratio(D, F)
+            out.append(F)
+        return out
+
+    @torch.no_grad()
+    def direction(self, variant: str = "kfac", rescale: str | None = None) -> list[Tensor]:  # type: ignore[override]
+        """The parameter change ``Δθ`` of the next step, without changing any state.
+
+        Args:
+            variant: ``"kfac"`` (what :meth:`step` does) or ``"foof"``: KFAC without its second
+                factor (App. D.9, "FOOF with λ_A from KFAC"), ``P(M) = M (Â + λ_A I)⁻¹`` with
+                KFAC's normalised ``Â`` and π-rule ``λ_A`` (also under standard damping).
+            rescale: for ``"foof"``: ``None``; ``"lambda_b"`` multiplies by ``1/λ_B`` (Fig 3C/D:
+                keeps the step size KFAC's second factor would give); ``"norm"`` rescales each
+                layer to the Frobenius norm of KFAC's direction (Fig 4C).
+
+        Returns:
+            ``−η P(M) − η ω θ`` per parameter (``param_groups`` order), where ``M`` includes the
+            momentum the step would use.
+        """
+        check_choice(variant, VARIANTS, "variant")
+        if rescale not in RESCALES:
+            raise ValueError(f"unknown rescale {rescale!r}; valid: {RESCALES}")
+        if variant == "kfac" and rescale is not None:
+            raise ValueError("rescale applies to variant='foof' only")
+        plan = self._plan_or_undo(variant=variant, rescale=rescale)
+        return self._as_update(self.layer_directions_to_params(plan.directions))
