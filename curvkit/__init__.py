@@ -5,7 +5,7 @@ Optimization": exact subsampled Fisher (Woodbury), block-diagonal, KFAC, FOOF an
 structures behind one operator contract, and applications built on it.
 """
 
-from curvkit import capture, linalg, optim
+from curvkit import capture, laplace, linalg, optim
 from curvkit.curvature import Curvature, fisher, register_structure, structures
 
 __version__ = "0.1.0"
@@ -15,4 +15,6 @@ __all__ = [
     "fisher", "Curvature", "structures", "register_structure",
     # subpackages
     "linalg", "capture", "optim",
+    # applications
+    "laplace",
 ]
