@@ -63,7 +63,7 @@ def test_backpack_matches_capture(case, kind):
 @pytest.mark.parametrize("case", [mlp(True, n=4), regression(n=4)], ids=["mlp", "regression"])
 def test_backpack_mc_in_expectation(case):
     """DiagGGNMC draws its own labels: it agrees with the exact diagonal in expectation only."""
-    S = 3000
+    S = 300  # N·S = 1200 draws: relative error about 2–6%
     exact = build(case).diagonal()
     g = torch.Generator().manual_seed(0)
     for backend in ("capture", "backpack"):

@@ -274,7 +274,7 @@ def test_linear_factors_match_backpack_kflr():
 
 def test_linear_factors_match_backpack_kfac_in_expectation():
     case = mlp(True, n=4)
-    S = 4000
+    S = 200  # N·S = 800 draws: Frobenius error about 3%
     torch.manual_seed(0)
     bp = _backpack_kron(case, "KFAC", mc_samples=S)
     mc = factors_of(build(case, kind="mc", mc_samples=S, generator=torch.Generator().manual_seed(0)))
