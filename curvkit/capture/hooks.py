@@ -160,6 +160,8 @@ def _persistent_hook(ref, i: int):
         self = ref()
         if self is None or not self.enabled or not torch.is_grad_enabled():
             return
+        if module is not self.layers[i].module:  # a deepcopy of the model carries the hook along
+            return
         self.records.calls[i] = 0  # persistent mode: the latest forward call wins
         _make_hook(self.records, i, self.layers[i], self.keep_outputs)(module, args, output)
 

@@ -67,6 +67,7 @@ class ErrorRecorder:
         self.errors: list[Tensor] | None = None
         self.nonfinite = False
         self.generator_state: Tensor | None = None
+        self._model = weakref.ref(model)
         handle = model.register_forward_hook(_error_hook(weakref.ref(self)))
         self._finalizer = weakref.finalize(self, handle.remove)
 
@@ -106,7 +107,7 @@ def _error_hook(ref):
         self = ref()
         if self is None or not self.enabled or not torch.is_grad_enabled():
             return
-        if not self.recorder.enabled:
+        if not self.recorder.enabled or module is not self._model():  # (a deepcopy carries hooks)
             return
         self._compute(output)
 
@@ -124,6 +125,7 @@ class InputRecorder:
     def __init__(self, model: nn.Module) -> None:
         self.enabled = True
         self.inputs: Tensor | None = None
+        self._model = weakref.ref(model)
         handle = model.register_forward_pre_hook(_input_hook(weakref.ref(self)))
         self._finalizer = weakref.finalize(self, handle.remove)
 
@@ -143,6 +145,8 @@ def _input_hook(ref):
     def hook(module: nn.Module, args: tuple) -> None:
         self = ref()
         if self is None or not self.enabled or not torch.is_grad_enabled():
+            return
+        if module is not self._model():  # a deepcopy of the model carries the hook along
             return
         if args and isinstance(args[0], Tensor):
             self.inputs = args[0].detach()

@@ -230,7 +230,7 @@ class CurvatureOptimizer(Optimizer):
                 if mu == 0:
                     out[id(p)] = g
                     continue
-                buf = self.state[p].get("momentum_buffer")
+                buf = self.state.get(p, {}).get("momentum_buffer")
                 out[id(p)] = g.detach().clone() if buf is None else buf * mu + g
         return out
 
@@ -340,6 +340,9 @@ class CurvatureOptimizer(Optimizer):
         """``torch.optim`` state (per-parameter buffers, groups) plus ``"curvkit"``: counters,
         the generator state and any global state (EMA weight, Fisher batch, ...)."""
         sd = super().state_dict()
+        # own dicts per parameter: later steps replace state tensors (never update them in
+        # place), so the returned state stays a snapshot
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
         sd["curvkit"] = self._extra_state()
         return sd
 

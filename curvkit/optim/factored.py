@@ -140,8 +140,10 @@ class FactoredOptimizer(CurvatureOptimizer):
     def _layer_key(self, i: int) -> nn.Parameter:
         return self.layer_params(self.layers[i])[0]
 
-    def _layer_state(self, i: int) -> dict[str, Any]:
-        return self.state[self._layer_key(i)]
+    def _layer_state(self, i: int, write: bool = False) -> dict[str, Any]:
+        """Layer ``i``'s state (factor EMAs, inverses); reading never creates entries."""
+        key = self._layer_key(i)
+        return self.state[key] if write else self.state.get(key, {})
 
     def factors(self) -> list[dict[str, Tensor]]:
         """Per layer, the current normalised EMA factors ``X̂ = X̄ / w`` (copies), e.g.
@@ -244,13 +246,13 @@ class FactoredOptimizer(CurvatureOptimizer):
     def _commit(self, plan: Plan) -> None:
         if plan.ema is not None:
             for i, d in enumerate(plan.ema):
-                self._layer_state(i).update(d)
+                self._layer_state(i, write=True).update(d)
             self._ema_weight = plan.ema_weight
         if plan.stats:
             self.counts["ema_updates"] += 1
         if plan.precond is not None:
             for i, pieces in enumerate(plan.precond):
-                self._layer_state(i)["precond"] = pieces
+                self._layer_state(i, write=True)["precond"] = pieces
             self.counts["inversions"] += 1
         self._apply(self.layer_directions_to_params(plan.directions), plan.bufs)
         self._step = plan.t + 1
@@ -319,7 +321,7 @@ class FactoredOptimizer(CurvatureOptimizer):
                     self.model(x)
                 ema, weight = self._new_ema(self._batch_factors(self._step))
                 for i, d in enumerate(ema):
-                    self._layer_state(i).update(d)
+                    self._layer_state(i, write=True).update(d)
                 self._ema_weight = weight
                 self.counts["ema_updates"] += 1
                 n += 1
@@ -331,7 +333,7 @@ class FactoredOptimizer(CurvatureOptimizer):
         ema = self._average_across_ranks([{k: self._layer_state(i)[k] for k in self.factor_names}
                                           for i in range(len(self.layers))])
         for i, gi in enumerate(self.layer_groups):
-            st = self._layer_state(i)
+            st = self._layer_state(i, write=True)
             st.update(ema[i])
             st["precond"] = self._invert(i, {k: v / self._ema_weight for k, v in ema[i].items()},
                                          self.param_groups[gi]["damping"])
@@ -350,21 +352,6 @@ class FactoredOptimizer(CurvatureOptimizer):
         self.counts = dict(extra["counts"])
         self._reset_records()
         self._set_recording(self.schedule.is_stats(self._step))
-
-
-def input_factor(a: Tensor) -> Tensor:
-    """``Â_batch = (1/N) Σ_n Σ_t a_{nt} a_{nt}ᵀ`` from ``a`` of shape ``(N, T, d_in)``
-    (sum over locations, KFC's Ω; for a dense layer ``T = 1``)."""
-    a2 = a.reshape(-1, a.shape[-1])
-    return (a2.T @ a2) / a.shape[0]
-
-
-def error_factor(e: Tensor) -> Tensor:
-    """``B̂_batch = (1/T) Σ_m Σ_t e_{mt} e_{mtᵀ}`` from ``e`` of shape ``(M, T, d_out)`` whose
-    scaling ``1/√(N·S)`` is already folded in (so this is ``(1/(N·S·T)) Σ ê êᵀ`` over samples,
-    MC labels and locations: KFC's Γ)."""
-    e2 = e.reshape(-1, e.shape[-1])
-    return (e2.T @ e2) / e.shape[1]
 
 
 def norm_ratio(a: Tensor, b: Tensor) -> float:

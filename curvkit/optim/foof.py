@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvkit.curvature.kfac import input_factor
 from curvkit.linalg import Dense, Kronecker, SingularError
-from curvkit.optim.factored import FactoredOptimizer, input_factor
+from curvkit.optim.factored import FactoredOptimizer
 
 
 def damped_inverse(S: Tensor, damping: float) -> Tensor:

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from curvkit.capture.optim_hooks import ErrorRecorder
 from curvkit.capture.targets import LIKELIHOODS, check_choice
+from curvkit.curvature.kfac import input_factor, output_factor
 from curvkit.linalg import Kronecker
-from curvkit.optim.factored import FactoredOptimizer, Plan, error_factor, input_factor, norm_ratio
+from curvkit.optim.factored import FactoredOptimizer, Plan, norm_ratio
 
 DAMPING_MODES = ("heuristic", "standard")
 KFAC_KINDS = ("mc", "exact")
@@ -137,7 +138,7 @@ class KFAC(FactoredOptimizer):
         for layer, a, e in zip(self.layers, inputs, self.errors.errors):
             self._check_finite("inputs", a, layer.describe(), t, owner)
             self._check_finite("sampled-label errors", e, layer.describe(), t, owner)
-            out.append({"A": input_factor(a), "B": error_factor(e)})
+            out.append({"A": input_factor(a), "B": output_factor(e)})
         return out
 
     # ------------------------------------------------------------------ inversion and products
