@@ -46,6 +46,7 @@ from curvkit.linalg import (
 from curvkit.linalg.perturb import (
     CHUNK_BYTES,
     DiagonalPlusLowRank,
+    GemmOuterFactor,
     ScaledFactor,
     dense_columns,
     gram64,
@@ -76,14 +77,14 @@ def whiten_layer_factor(J: LowRankFactor, delta: Tensor, d_out: int | None = Non
     if _is_constant(delta):
         if isinstance(J, OuterProductFactor):
             s = float(delta[0]) ** -0.5
-            return OuterProductFactor(J.a, J.e * s, J.gram_route)
+            return GemmOuterFactor(J.a, J.e * s, J.gram_route)
         return ScaledFactor(J, float(delta[0]) ** -0.5)
     if isinstance(J, OuterProductFactor):
         split = rank_one_split((1.0 / delta).reshape(J.d_out, J.d_in))
         if split is not None:
             r, c = split
-            return OuterProductFactor(J.a * c.sqrt().to(J.dtype), J.e * r.sqrt().to(J.dtype),
-                                      J.gram_route)
+            return GemmOuterFactor(J.a * c.sqrt().to(J.dtype), J.e * r.sqrt().to(J.dtype),
+                                   J.gram_route)
     check_memory(2 * J.size * J.rank * 8,
                  f"the per-sample gradients of a {J.size}-parameter layer for M = {J.rank} Fisher "
                  "columns (needed for an elementwise prior precision that is not constant per "
@@ -493,7 +494,7 @@ def build_operator_engine(operator: LinearOperator, delta: Tensor, layer_sizes: 
             blocks.extend(_split_diagonal(op.diagonal(), delta, off, bounds, num_data, op.dtype))
         elif isinstance(op, Woodbury):
             f = op.factor
-            J = (OuterProductFactor(f.a, f.e * math.sqrt(num_data), f.gram_route)
+            J = (GemmOuterFactor(f.a, f.e * math.sqrt(num_data), f.gram_route)
                  if isinstance(f, OuterProductFactor) else ScaledFactor(f, math.sqrt(num_data)))
             blocks.append(LowRankBlock([J], d, route))
         else:

@@ -57,7 +57,7 @@ from curvkit.laplace.predictive import (
 )
 from curvkit.laplace.prior import PriorPrecision
 from curvkit.linalg import OuterProductFactor
-from curvkit.linalg.perturb import reduce_softmax_errors
+from curvkit.linalg.perturb import GemmOuterFactor, reduce_softmax_errors
 
 LOWRANK_STRUCTURES = ("full", "block_diag")
 
@@ -197,7 +197,7 @@ class LaplacePosterior:
             for a, e in zip(cap.a, cap.e):
                 if reduce:
                     e = reduce_softmax_errors(e.to(torch.float64), p).to(e.dtype)
-                J.append(OuterProductFactor(a, e * scale))
+                J.append(GemmOuterFactor(a, e * scale))
             self._J = J
         return self._J
 
@@ -423,7 +423,7 @@ class LaplacePosterior:
             ld = fn(t) if per_layer else fn(t[0])
             ev = loglik - 0.5 * (torch.exp(t) * sq).sum() + 0.5 * (sizes * t).sum() - 0.5 * ld
             (-ev).backward()
-            return float(-ev), t.grad.cpu().numpy().astype(np.float64)
+            return float(-ev.detach()), t.grad.cpu().numpy().astype(np.float64)
 
         t0 = self._per_layer_constant(self._prior)
         if t0 is None:

@@ -45,7 +45,8 @@ from curvkit.linalg.woodbury import DenseFactor, LowRankFactor, StackedFactor
 CHUNK_BYTES = 2**28
 
 __all__ = [
-    "DiagonalPlusLowRank", "ScaledFactor", "softmax_null_basis", "reduce_softmax_errors",
+    "DiagonalPlusLowRank", "GemmOuterFactor", "ScaledFactor", "colmajor", "softmax_null_basis",
+    "reduce_softmax_errors",
     "gram64", "cross_gram64", "block_grams64", "dense_columns", "to_float64", "gram_flops",
     "logdet_identity_plus", "rank_one_split",
 ]
@@ -97,6 +98,36 @@ def reduce_softmax_errors(e: Tensor, p: Tensor) -> Tensor:
 
 
 # ====================================================================== factor helpers
+class GemmOuterFactor(OuterProductFactor):
+    """:class:`~curvkit.linalg.OuterProductFactor` whose dense-layer (``T = 1``) products are two
+    plain GEMMs plus one batched GEMM over inputs, laid out for speed (same math)::
+
+        (Uᵀ X)_{n r k} = Σ_o e_{n r o} (Σ_d a_{n d} V_{k o d})     V = mat_r(X_{:, k})
+        (U W)_k        = Σ_n (Σ_r W_{n r k} e_{n r ·}) a_{n ·}ᵀ
+
+    ``X`` should be column-major (see :func:`colmajor`); results are column-major ``(P, k)``.
+    """
+
+    def rmatmat(self, X: Tensor) -> Tensor:
+        if self.T != 1:
+            return super().rmatmat(X)
+        k = X.shape[1]
+        Vf = colmajor(X).T.reshape(k * self.d_out, self.d_in)
+        VA = (self.a[:, 0, :] @ Vf.T).view(self.N, k, self.d_out)  # (n, k, o)
+        e = self.e[:, 0, :].reshape(self.N, self.R, self.d_out)
+        return torch.bmm(e, VA.transpose(1, 2)).reshape(self.rank, k)
+
+    def matmat(self, W: Tensor) -> Tensor:
+        if self.T != 1:
+            return super().matmat(W)
+        k = W.shape[1]
+        Wr = W.reshape(self.N, self.R, k)
+        e = self.e[:, 0, :].reshape(self.N, self.R, self.d_out)
+        Ew = torch.bmm(Wr.transpose(1, 2), e)  # (n, k, o)
+        out = Ew.reshape(self.N, k * self.d_out).T @ self.a[:, 0, :]  # (k·o, d)
+        return out.reshape(k, self.size).T
+
+
 class ScaledFactor(LowRankFactor):
     """``s · U`` for a scalar ``s`` (any factor)."""
 
@@ -123,7 +154,7 @@ def to_float64(factor: LowRankFactor) -> LowRankFactor:
     if factor.dtype == torch.float64:
         return factor
     if isinstance(factor, OuterProductFactor):
-        return OuterProductFactor(factor.a.double(), factor.e.double(), factor.gram_route)
+        return GemmOuterFactor(factor.a.double(), factor.e.double(), factor.gram_route)
     if isinstance(factor, DenseFactor):
         return DenseFactor(factor.U.double())
     if isinstance(factor, StackedFactor):
@@ -137,20 +168,38 @@ def _blocks(factor: LowRankFactor) -> list[LowRankFactor]:
     return list(factor.blocks) if isinstance(factor, StackedFactor) else [factor]
 
 
+def colmajor(X: Tensor) -> Tensor:
+    """``X`` (``P × k``) with column-major storage (a transposed view of a contiguous ``k × P``).
+
+    Layer factors reshape ``Xᵀ`` into ``(k, d_out, d_in)`` matrices; with this layout that is a
+    view and the batched GEMM runs at full speed.
+    """
+    return X if X.dim() != 2 or X.stride(0) == 1 else X.T.contiguous().T
+
+
 def gram64(factor: LowRankFactor) -> Tensor:
-    """``K = Uᵀ U`` in float64 (Hadamard of Grams for dense layers, summed over stacked blocks)."""
-    M = factor.rank
-    K = torch.zeros(M, M, dtype=torch.float64, device=factor.device)
+    """``K = Uᵀ U`` in float64 (Hadamard of Grams for dense layers, summed over stacked blocks).
+
+    Symmetric up to round-off (each block is a Gram matrix); consumers (Cholesky, ``eigvalsh``)
+    read the lower triangle only.
+    """
+    K: Tensor | None = None
     for b in _blocks(factor):
         if isinstance(b, OuterProductFactor) and b.T == 1:
             a, e = b.a[:, 0, :].double(), b.e[:, 0, :].double()
-            Ke = e @ e.T
-            Ke.view(b.N, b.R, b.N, b.R).mul_((a @ a.T)[:, None, :, None])
-            K += Ke
-            del Ke
+            Ka = (a @ a.T)[:, None, :, None]
+            if K is None:
+                K = e @ e.T
+                K.view(b.N, b.R, b.N, b.R).mul_(Ka)
+            else:
+                Ke = e @ e.T
+                Ke.view(b.N, b.R, b.N, b.R).mul_(Ka)
+                K += Ke
+                del Ke
         else:
-            K += to_float64(b).gram()
-    return 0.5 * (K + K.T)
+            Kb = to_float64(b).gram()
+            K = Kb if K is None else K.add_(Kb)
+    return K
 
 
 def gram_flops(factor: LowRankFactor) -> float:
@@ -259,8 +308,10 @@ class DiagonalPlusLowRank(LinearOperator):
             self.gram = gram64(V)
         else:
             self.gram = self._primal_matrix()
-        S = self.gram + torch.eye(self.gram.shape[0], dtype=torch.float64, device=self.device)
+        S = self.gram.clone()
+        S.diagonal().add_(1.0)
         L, info = torch.linalg.cholesky_ex(S)
+        del S
         if int(info) != 0 or not torch.isfinite(L).all():
             raise FloatingPointError(f"{self.name}: the core I + K is not positive definite; the "
                                      "factor has non-finite or huge entries")
@@ -311,12 +362,13 @@ class DiagonalPlusLowRank(LinearOperator):
         else:
             cols = dense_columns(self.V, torch.float64)
             S.addmm_(cols, cols.T)
-        return 0.5 * (S + S.T)
+        return S
 
     # ------------------------------------------------------------------ core pieces
     def _core_solve(self, B: Tensor) -> Tensor:
-        """``U_M⁻¹ B`` (dual) or ``(I + VVᵀ)⁻¹ B`` (primal), float64."""
-        return torch.cholesky_solve(B.to(torch.float64), self.chol)
+        """``U_M⁻¹ B`` (dual) or ``(I + VVᵀ)⁻¹ B`` (primal), float64 (two triangular solves)."""
+        Y = torch.linalg.solve_triangular(self.chol, B.to(torch.float64), upper=False)
+        return torch.linalg.solve_triangular(self.chol.mT, Y, upper=True)
 
     def core_logdet(self) -> Tensor:
         """``log det(I + VᵀV) = log det(I + VVᵀ)`` (float64)."""
@@ -328,12 +380,12 @@ class DiagonalPlusLowRank(LinearOperator):
         if self.route == "primal":
             return self._core_solve(Y)
         V64 = self.V if self.V.dtype == torch.float64 else to_float64(self.V)
-        return Y - V64.matmat(self._core_solve(V64.rmatmat(Y)))
+        return Y - V64.matmat(self._core_solve(V64.rmatmat(colmajor(Y))))
 
     # ------------------------------------------------------------------ contract
     def _matmat(self, X: Tensor) -> Tensor:
         s = self.delta.sqrt().to(X.dtype)[:, None]
-        return self.delta.to(X.dtype)[:, None] * X + s * self.V.matmat(self.V.rmatmat(s * X))
+        return self.delta.to(X.dtype)[:, None] * X + s * self.V.matmat(self.V.rmatmat(colmajor(s * X)))
 
     def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
         if damping != 0:
@@ -365,20 +417,21 @@ class DiagonalPlusLowRank(LinearOperator):
         P, M = self.V.size, self.V.rank
         item = torch.finfo(self.dtype).bits // 8
         check_memory(n * P * item, f"{n} samples of {P} parameters", self.device)
-        out = torch.empty(P, n, dtype=self.dtype, device=self.device)
+        out = torch.empty(n, P, dtype=self.dtype, device=self.device)  # returned transposed
         step = max(1, CHUNK_BYTES // max(1, 3 * P * 8))
-        rdelta = self.delta.rsqrt()[:, None]
+        rdelta = self.delta.rsqrt().to(self.dtype)
         for j in range(0, n, step):
             k = min(step, n - j)
-            y = torch.randn(P, k, dtype=self.dtype, device=self.device, generator=generator)
+            y = torch.randn(k, P, dtype=self.dtype, device=self.device, generator=generator).T
             if self.route == "primal":
                 x = torch.linalg.solve_triangular(self.chol.T, y.to(torch.float64), upper=True)
+                out[j:j + k] = x.T.to(self.dtype) * rdelta
             else:
                 z = torch.randn(M, k, dtype=torch.float64, device=self.device, generator=generator)
                 w = self._core_solve(self.V.rmatmat(y).to(torch.float64) + z)
-                x = y.to(torch.float64) - self.V.matmat(w.to(self.dtype)).to(torch.float64)
-            out[:, j:j + k] = (rdelta * x).to(self.dtype)
-        return out
+                x = y - self.V.matmat(w.to(self.dtype))
+                out[j:j + k] = x.T * rdelta
+        return out.T
 
     def inverse_diagonal(self) -> Tensor:
         """``diag(Λ⁻¹) = δ⁻¹ ⊙ diag((I + VVᵀ)⁻¹)`` (float64, ``(P,)``).
