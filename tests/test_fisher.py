@@ -171,3 +171,10 @@ def test_factorize_precomputes_and_chains():
     dense = dense_fisher(case.model, case.inputs, kind="exact")
     ref = torch.linalg.solve(dense + 0.5 * torch.eye(dense.shape[0], dtype=torch.float64), v)
     torch.testing.assert_close(F.solve(v, 0.5), ref)
+
+
+def test_loss_free_structure_reports_no_kind():
+    case = mlp(True)
+    F = curvkit.fisher(case.model, case.inputs, kind="empirical", structure="foof")
+    assert F.kind is None
+    assert "loss-independent" in F.formula

@@ -82,7 +82,7 @@ class Curvature(LinearOperator):
     @property
     def formula(self) -> str:
         """The Fisher definition and scaling this operator represents (or approximates)."""
-        base = FISHER_FORMULAS.get(self.kind, "F_A = Â ⊗ I (loss-independent)")
+        base = FISHER_FORMULAS.get(self.kind, "F ≈ I ⊗ Â, Â = (1/N) Σₙ Σₜ ã ãᵀ (loss-independent)")
         return f"{base}, g = ∇θ(−log p(y|x,θ)), likelihood={self.likelihood!r}, N={self.num_data}"
 
     def __repr__(self) -> str:

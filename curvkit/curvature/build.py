@@ -30,11 +30,22 @@ Builder = Callable[..., LinearOperator]
 _STRUCTURES: dict[str, Builder] = {}
 
 
-def register_structure(name: str) -> Callable[[Builder], Builder]:
-    """Register ``builder(ctx: BuildContext, **options) -> LinearOperator`` under ``name``."""
+_LOSS_FREE: set[str] = set()
+
+
+def register_structure(name: str, uses_loss: bool = True) -> Callable[[Builder], Builder]:
+    """Register ``builder(ctx: BuildContext, **options) -> LinearOperator`` under ``name``.
+
+    Args:
+        name: the ``structure=`` value.
+        uses_loss: ``False`` for structures that do not depend on the loss or labels (FOOF's
+            ``I ⊗ Â``); their :class:`Curvature` then reports ``kind=None``.
+    """
 
     def deco(fn: Builder) -> Builder:
         _STRUCTURES[name] = fn
+        if not uses_loss:
+            _LOSS_FREE.add(name)
         return fn
 
     return deco
@@ -164,7 +175,8 @@ def fisher(
     op = _STRUCTURES[structure](ctx, **options)
     captured = ctx.__dict__.get("captured")
     return Curvature(
-        op, params, layers, layer_index(params, layers), kind=kind, likelihood=likelihood,
+        op, params, layers, layer_index(params, layers),
+        kind=None if structure in _LOSS_FREE else kind, likelihood=likelihood,
         structure=structure, num_data=ctx.num_data, captured=captured,
         info={"rank": getattr(op, "rank", None)},
     )

@@ -217,7 +217,7 @@ def build_kfac(ctx: BuildContext, **options) -> KroneckerBlockDiagonal:
     return KroneckerBlockDiagonal(factors, name="Fisher[kfac]")
 
 
-@register_structure("foof")
+@register_structure("foof", uses_loss=False)
 def build_foof(ctx: BuildContext, **options) -> KroneckerBlockDiagonal:
     """FOOF: ``blockdiag_l(I ⊗ Â_l)`` from one forward pass (the Fisher ``kind`` is ignored)."""
     _check_no_options("foof", options)
