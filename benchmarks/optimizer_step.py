@@ -10,8 +10,10 @@ Models (random data: timing does not need real images):
   average pooling, linear head) on CIFAR-shaped batches 3×32×32 of 100; FOOF and KFAC at
   ``T = 500, S = 10``.
 
-Plus ASDL's ``KfacGradientMaker`` (``T`` = preconditioner interval, curvature every step) when
-``asdl`` is importable (not in ``--quick`` mode).
+Plus ASDL's ``KfacGradientMaker`` (+ SGD) when ``asdl`` is importable (not in ``--quick`` mode),
+timed the same way: its three kinds of steps (curvature update + inversion, curvature update
+only, preconditioning only) are measured with update intervals 1 or "never", and combined into
+the same amortised formula for each ``(T, S)``.
 
 A *step* is the whole training step ``zero_grad; loss = CE(model(x), y); backward; step``.
 Steps of FOOF/KFAC fall into three kinds under Algorithm 1: *inversion* steps (``t ≡ 0 mod T``,
@@ -112,7 +114,8 @@ def asdl_available() -> bool:
 class AsdlKfac:
     """ASDL's KFAC (``KfacGradientMaker`` + SGD), driven like the others."""
 
-    def __init__(self, model: nn.Module, lr: float, damping: float, T: int, batch: int) -> None:
+    def __init__(self, model: nn.Module, lr: float, damping: float, batch: int, curvature: bool,
+                 inversion: bool) -> None:
         import contextlib
 
         import asdl
@@ -120,8 +123,10 @@ class AsdlKfac:
         if not torch.cuda.is_available():  # asdl 0.1a4 wraps its work in NVTX ranges (CUDA-only)
             torch.cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
 
-        cfg = asdl.PreconditioningConfig(data_size=batch, damping=damping, preconditioner_upd_interval=T,
-                                         curvature_upd_interval=1, ema_decay=0.05)
+        never = 10**9  # (every update also happens at ASDL's step 0, i.e. during the warm-up)
+        cfg = asdl.PreconditioningConfig(data_size=batch, damping=damping, ema_decay=0.05,
+                                         preconditioner_upd_interval=1 if inversion else never,
+                                         curvature_upd_interval=1 if curvature else never)
         self.gm = asdl.KfacGradientMaker(model, cfg)
         self.opt = torch.optim.SGD(model.parameters(), lr=lr)
         self.model = model
@@ -148,9 +153,12 @@ def methods_for(model_name: str, quick: bool, batch: int) -> list[Method]:
     out.append(Method("NaturalGradient", "natural", lambda m: NaturalGradient(
         m, lr=1e-3, damping=0.01, momentum=0.9)))
     if asdl_available() and not quick:
-        for T, _ in schedules:
-            out.append(Method(f"ASDL KFAC T={T}", "asdl",
-                              lambda m, T=T: AsdlKfac(m, lr=0.003, damping=0.01, T=T, batch=batch), T, 1))
+        kinds = [("inv", True, True), ("stats", True, False)]
+        if any(T > S for T, S in schedules):
+            kinds.append(("plain", False, False))
+        for kind, curv, inv in kinds:
+            out.append(Method(f"ASDL KFAC [{kind}]", "asdl", lambda m, c=curv, i=inv: AsdlKfac(
+                m, lr=0.003, damping=0.01, batch=batch, curvature=c, inversion=i)))
     return out
 
 
@@ -205,11 +213,7 @@ def run_round(m: Method, opt, model, batches, n_plain: int, n_stats: int, n_simp
             for _ in range(n_simple - 1):
                 m.times["inv"].append(timed(opt, model, next(it)))
         return
-    key = "inv" if m.family in ("natural",) or (m.family == "asdl" and m.T == 1) else "plain"
-    if m.family == "asdl" and m.T > 1:
-        for _ in range(n_simple):  # ASDL updates curvature every step, inverts every T
-            m.times["plain"].append(timed(opt, model, next(it)))
-        return
+    key = "inv" if m.family == "natural" else "plain"
     for _ in range(n_simple):
         m.times[key].append(timed(opt, model, next(it)))
 
@@ -259,16 +263,20 @@ def bench_model(name: str, quick: bool, rounds: int, seed: int = 0) -> dict:
             continue
         runs.append((m, opt, model))
     methods = [m for m, _, _ in runs]
-    n_plain, n_stats, n_simple = (1, 1, 1) if quick else (3, 3, 3)
+    n_plain, n_stats, n_simple = (1, 1, 1) if quick else (5, 3, 5)
     for _ in range(rounds):
         for m, opt, model in runs:  # round-robin: every method sees the same machine state
             run_round(m, opt, model, batches, n_plain, n_stats, n_simple)
     results = {m.name: {"family": m.family, "T": m.T, "S": m.S, **amortised(m)} for m in methods}
-    asdl_inv = [r["per_step_s"] for r in results.values() if r["family"] == "asdl" and r["T"] == 1]
-    for r in results.values():  # ASDL at T > 1: its inversion cost is that of a T = 1 step
-        if r["family"] == "asdl" and r["T"] > 1 and asdl_inv:
-            r["median_inversion_s"] = asdl_inv[0]
-            r["per_step_s"] = (asdl_inv[0] + (r["T"] - 1) * r["median_plain_s"]) / r["T"]
+    asdl = {name.split("[")[1][:-1]: results.pop(name)["per_step_s"]
+            for name in [k for k in results if k.startswith("ASDL KFAC [")]}
+    if "inv" in asdl and "stats" in asdl:
+        for T, S in sorted({(m.T, m.S) for m in methods if m.family == "kfac"}):
+            plain = asdl.get("plain", 0.0)
+            results[f"ASDL KFAC T={T}"] = {
+                "family": "asdl", "T": T, "S": S, "median_plain_s": asdl.get("plain"),
+                "median_stats_s": asdl["stats"], "median_inversion_s": asdl["inv"],
+                "per_step_s": (asdl["inv"] + (S - 1) * asdl["stats"] + (T - S) * plain) / T}
     sgd = results["SGD"]["per_step_s"]
     for r in results.values():
         r["ratio_to_sgd"] = r["per_step_s"] / sgd

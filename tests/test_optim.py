@@ -26,6 +26,15 @@ from tests.cases import cnn, mlp, single_linear_one_point
 f64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP stalls on a loaded machine (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------- references
 def run_layers(model: nn.Sequential, x: torch.Tensor):
     """Run ``model`` module by module; return ``[(module, input, output)]`` for the layers with

@@ -19,6 +19,15 @@ from tests.test_optim import assert_state_equal, loss_backward, params_of, snaps
 
 f64 = torch.float64
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP stalls on a loaded machine (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 MAKERS = {
     "foof": lambda m: FOOF(m, lr=0.2, damping=0.3, ema_decay=0.9, inv_period=3, ema_steps=2,
                            momentum=0.9, weight_decay=0.01),

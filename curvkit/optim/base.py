@@ -206,8 +206,9 @@ class CurvatureOptimizer(Optimizer):
                         raise TypeError(f"{type(self).__name__} does not support sparse gradients "
                                         f"('{self.param_name(p)}')")
                     present.append(p)
-        if present:
-            ok = torch.stack([torch.isfinite(p.grad).all() for p in present])
+        if present:  # one pass per tensor (min and max are non-finite iff an entry is) and one sync
+            ok = torch.isfinite(torch.stack([torch.stack(torch.aminmax(p.grad.detach())) if p.grad.numel()
+                                             else p.grad.new_zeros(2) for p in present])).all(1)
             if not bool(ok.all()):
                 bad = present[int((~ok).nonzero()[0, 0])]
                 raise FloatingPointError(

@@ -179,7 +179,8 @@ class FactoredOptimizer(CurvatureOptimizer):
         ema = []
         for i, b in enumerate(batch):
             st = self._layer_state(i)
-            ema.append({k: (1 - m) * v if k not in st else m * st[k] + (1 - m) * v
+            # m X̄ + (1 − m) X as one lerp; exactly X when m = 0
+            ema.append({k: v if m == 0 else (1 - m) * v if k not in st else torch.lerp(st[k], v, 1 - m)
                         for k, v in b.items()})
         return ema, m * self._ema_weight + (1 - m)
 
@@ -352,6 +353,25 @@ class FactoredOptimizer(CurvatureOptimizer):
         self.counts = dict(extra["counts"])
         self._reset_records()
         self._set_recording(self.schedule.is_stats(self._step))
+
+
+def location_gram(x: Tensor) -> Tensor:
+    """``Σ_m Σ_t x_{mt} x_{mt}ᵀ`` for ``x`` of shape ``(M, T, d)``, symmetrised.
+
+    The input factor is ``Â = location_gram(a) / N`` and KFAC's output factor
+    ``B̂ = location_gram(e) / T`` (the formulas of :func:`curvkit.curvature.kfac.input_factor` and
+    ``output_factor``). Unfolded convolution patches arrive as a transposed view of a contiguous
+    ``(M, d, T)`` tensor; when ``d ≤ T`` the sum is taken as one batched product on that view,
+    which avoids copying the ``M·T·d`` patches.
+    """
+    M, T, d = x.shape
+    xt = x.transpose(1, 2)
+    if T > 1 and d <= T and xt.is_contiguous():
+        G = torch.bmm(xt, x).sum(0)
+    else:
+        flat = x.reshape(-1, d)
+        G = flat.T @ flat
+    return 0.5 * (G + G.T)
 
 
 def norm_ratio(a: Tensor, b: Tensor) -> float:

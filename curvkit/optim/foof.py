@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.curvature.kfac import input_factor
 from curvkit.linalg import Dense, Kronecker, SingularError
-from curvkit.optim.factored import FactoredOptimizer
+from curvkit.optim.factored import FactoredOptimizer, location_gram
 
 
 def damped_inverse(S: Tensor, damping: float) -> Tensor:
@@ -64,6 +63,12 @@ class FOOF(FactoredOptimizer):
     Data parallel: under ``torch.distributed`` (wrap the model in DDP so gradients are averaged)
     the factor EMAs are averaged across ranks at each inversion, so every rank applies the same
     update, equal to one process on the concatenated batch (equal per-rank batch sizes).
+
+    Besides ``step``: :meth:`direction` (the next step's ``Δθ`` without applying it),
+    :meth:`factors` (normalised ``Â`` per layer), :meth:`initialize` (pre-fill the EMA from extra
+    batches, App. K), ``counts`` / ``step_count`` (schedule bookkeeping), :meth:`remove_hooks`.
+    Evaluate the model under ``torch.no_grad()`` between steps: the latest grad-enabled forward
+    before ``step`` provides the statistics.
     """
 
     factor_names = ("A",)
@@ -88,8 +93,9 @@ class FOOF(FactoredOptimizer):
     def _batch_factors(self, t: int) -> list[dict[str, Tensor]]:
         out = []
         for layer, a in zip(self.layers, self._recorded_inputs(t)):
-            self._check_finite("inputs", a, layer.describe(), t, type(self).__name__)
-            out.append({"A": input_factor(a)})
+            A = location_gram(a) / a.shape[0]  # Â = (1/N) Σ_n Σ_t a aᵀ
+            self._check_finite("inputs", A, layer.describe(), t, type(self).__name__)
+            out.append({"A": A})
         return out
 
     def _invert(self, i: int, factors: dict[str, Tensor], damping: float) -> dict[str, Any]:

@@ -10,9 +10,8 @@ from torch import Tensor, nn
 
 from curvkit.capture.optim_hooks import ErrorRecorder
 from curvkit.capture.targets import LIKELIHOODS, check_choice
-from curvkit.curvature.kfac import input_factor, output_factor
 from curvkit.linalg import Kronecker
-from curvkit.optim.factored import FactoredOptimizer, Plan, norm_ratio
+from curvkit.optim.factored import FactoredOptimizer, Plan, location_gram, norm_ratio
 
 DAMPING_MODES = ("heuristic", "standard")
 KFAC_KINDS = ("mc", "exact")
@@ -70,7 +69,12 @@ class KFAC(FactoredOptimizer):
         params: parameters or parameter groups (per-group ``lr``, ``damping``, ``momentum``,
             ``weight_decay``).
 
-    Data parallel: as :class:`FOOF` (both factors are averaged across ranks at inversions).
+    Data parallel: as :class:`FOOF` (both factors are averaged across ranks at inversions); use
+    ``kind="exact"`` to make the result independent of how the batch is split.
+
+    Besides ``step``: :meth:`direction` (KFAC's step, or KFAC without its second factor),
+    :meth:`factors` (normalised ``Â``, ``B̂``), :meth:`initialize`, ``counts``, ``step_count``,
+    :meth:`remove_hooks`.
     """
 
     factor_names = ("A", "B")
@@ -136,9 +140,11 @@ class KFAC(FactoredOptimizer):
                                "before opt.step(), and make the model return its (N, C) output")
         out = []
         for layer, a, e in zip(self.layers, inputs, self.errors.errors):
-            self._check_finite("inputs", a, layer.describe(), t, owner)
-            self._check_finite("sampled-label errors", e, layer.describe(), t, owner)
-            out.append({"A": input_factor(a), "B": output_factor(e)})
+            A = location_gram(a) / a.shape[0]  # Â = (1/N) Σ_n Σ_t a aᵀ
+            B = location_gram(e) / e.shape[1]  # B̂ = (1/T) Σ_m Σ_t e eᵀ (e carries 1/√N)
+            self._check_finite("inputs", A, layer.describe(), t, owner)
+            self._check_finite("sampled-label errors", B, layer.describe(), t, owner)
+            out.append({"A": A, "B": B})
         return out
 
     # ------------------------------------------------------------------ inversion and products

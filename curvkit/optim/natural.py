@@ -159,7 +159,8 @@ class NaturalGradient(CurvatureOptimizer):
         if self.fisher_batch == "same":
             return current, "same"
         if self._loader is not None:
-            return self._next_from_loader(), "loader"
+            x, y = self._next_from_loader()
+            return (x.to(self.device), None if y is None else y.to(self.device)), "loader"
         if self._pending is not None:
             return self._pending, "pending"
         if self._prev_batch is not None:
