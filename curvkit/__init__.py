@@ -5,7 +5,7 @@ Optimization": exact subsampled Fisher (Woodbury), block-diagonal, KFAC, FOOF an
 structures behind one operator contract, and applications built on it.
 """
 
-from curvkit import capture, laplace, linalg, optim, validate
+from curvkit import capture, ewc, hypergrad, laplace, linalg, optim, validate
 from curvkit.curvature import Curvature, fisher, register_structure, structures
 
 __version__ = "0.1.0"
@@ -16,5 +16,5 @@ __all__ = [
     # subpackages
     "linalg", "capture", "optim",
     # applications
-    "laplace", "validate",
+    "laplace", "validate", "ewc", "hypergrad",
 ]
