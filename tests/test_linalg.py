@@ -579,3 +579,18 @@ def test_dense_helpers_bad_input():
         per_sample_loss_gradients(model, x, torch.zeros(3), "classification")
     with pytest.raises(ValueError, match=r"block_sizes \[3\] do not sum to P = 4"):
         dense_block_diagonal(torch.eye(4), [3])
+
+
+def test_outer_factor_columns_match_explicit_and_default():
+    """``columns`` (chunked materialisation of U) equals U @ I and the per-sample gradients."""
+    from curvkit.linalg import LowRankFactor, OuterProductFactor, StackedFactor
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 4, 5, dtype=torch.float64, generator=g)
+    e = torch.randn(6, 4, 2, dtype=torch.float64, generator=g)  # R = 2, T = 4
+    f = OuterProductFactor(a, e)
+    U = f.matmat(torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(f.columns(0, 6), U)
+    torch.testing.assert_close(f.columns(2, 5), LowRankFactor.columns(f, 2, 5))
+    st = StackedFactor([f, OuterProductFactor(a[:, :1], e[:, :1])])
+    torch.testing.assert_close(st.columns(1, 4), st.matmat(torch.eye(6, dtype=torch.float64)[:, 1:4]))

@@ -94,6 +94,12 @@ class OuterProductFactor(LowRankFactor):
         out = torch.matmul(Ew.transpose(1, 2), A)  # (k, o, d)
         return out.reshape(k, self.size).T
 
+    def columns(self, start: int, stop: int) -> Tensor:
+        """``U[:, start:stop]``: the per-column gradients ``vec_r(Σ_t e_{mt} a_{nt}ᵀ)``."""
+        n = torch.arange(start, stop, device=self.device) // self.R
+        g = torch.einsum("mto,mtd->mod", self.e[start:stop], self.a[n])
+        return g.reshape(stop - start, self.size).T
+
     def per_sample_gradients(self) -> Tensor:
         """``(M, d_out, d_in)`` per-column gradients ``Σ_t e_{mt} a_{n t}ᵀ`` (materialised)."""
         check_memory(self.rank * self.size * self.e.element_size() * 2,

@@ -47,13 +47,21 @@ class LowRankFactor:
         """``K = Uᵀ U`` of shape ``(M, M)``."""
         raise NotImplementedError
 
+    def columns(self, start: int, stop: int) -> Tensor:
+        """Columns ``U[:, start:stop]`` of shape ``(P, stop − start)``; default via ``U @ I``."""
+        eye = torch.eye(self.rank, dtype=self.dtype, device=self.device)
+        return self.matmat(eye[:, start:stop])
+
+    def column_chunk(self) -> int:
+        """Number of columns to materialise at once (about 256 MB per chunk)."""
+        return max(1, min(self.rank, 2**28 // max(1, self.size * 8)))
+
     def sq_row_norms(self) -> Tensor:
         """``diag(U Uᵀ)`` of shape ``(P,)``; default from materialising ``U`` in chunks."""
         out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        eye = torch.eye(self.rank, dtype=self.dtype, device=self.device)
-        for j in range(0, self.rank, 256):
-            cols = self.matmat(eye[:, j : j + 256])
-            out += (cols**2).sum(1)
+        c = self.column_chunk()
+        for j in range(0, self.rank, c):
+            out += (self.columns(j, min(j + c, self.rank)) ** 2).sum(1)
         return out
 
 
@@ -75,6 +83,9 @@ class DenseFactor(LowRankFactor):
 
     def gram(self) -> Tensor:
         return self.U.T @ self.U
+
+    def columns(self, start: int, stop: int) -> Tensor:
+        return self.U[:, start:stop]
 
     def sq_row_norms(self) -> Tensor:
         return (self.U**2).sum(1)
@@ -112,6 +123,9 @@ class StackedFactor(LowRankFactor):
         for b in self.blocks[1:]:
             K = K + b.gram()
         return K
+
+    def columns(self, start: int, stop: int) -> Tensor:
+        return torch.cat([b.columns(start, stop) for b in self.blocks], dim=0)
 
     def sq_row_norms(self) -> Tensor:
         return torch.cat([b.sq_row_norms() for b in self.blocks])
@@ -159,11 +173,14 @@ class Woodbury(LinearOperator):
         """``U Uᵀ`` (``P × P``) in float64, formed from ``U`` (cached; primal route)."""
         if self._dense is None:
             P, M = self.factor.size, self.factor.rank
-            check_memory((P * P + P * M) * 8, f"the {P}×{P} primal matrix of {self.name}",
-                         self.device)
-            U = self.factor.matmat(torch.eye(M, dtype=self.dtype, device=self.device))
-            U = U.to(torch.float64)
-            self._dense = U @ U.T
+            check_memory(P * P * 8 + P * self.factor.column_chunk() * 16,
+                         f"the {P}×{P} primal matrix of {self.name}", self.device)
+            D = torch.zeros(P, P, dtype=torch.float64, device=self.device)
+            c = self.factor.column_chunk()
+            for j in range(0, M, c):  # U Uᵀ accumulated over column chunks of U
+                U = self.factor.columns(j, min(j + c, M)).to(torch.float64)
+                D.addmm_(U, U.T)
+            self._dense = D
             if not torch.isfinite(self._dense).all():
                 raise FloatingPointError(f"{self.name}: the factor has non-finite entries")
         return self._dense
