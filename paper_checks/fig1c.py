@@ -39,8 +39,7 @@ def run(h: Harness) -> CheckResult:
     nat_big = Method.make(f"Nat. grad. MC (N_F={n_f})", "natural", kind="mc", structure="full",
                           fisher_batch="independent", fisher_size=n_f)
     # the larger Fisher batch is ~10× dearer per update: a smaller grid around Nat(N_F=100)'s choice
-    big_grid = Grid(h.pick((0.1, 0.3, 1.0), (0.1, 0.3), (0.1,)), h.pick((1e-2, 1.0), (1e-2, 1.0), (1.0,)),
-                    ratio=True)
+    big_grid = Grid(h.pick((0.1, 0.3, 1.0), (0.3, 1.0), (0.3,)), (1.0,), ratio=True)
     res = h.tune(setup, [(KFAC, grid_kfac(h)), (NAT, grid_nat(h)), (nat_big, big_grid)], desc=NAME)
     kfac, nat, big = res[KFAC.label], res[NAT.label], res[nat_big.label]
     f = gap_closed(nat, big, kfac)

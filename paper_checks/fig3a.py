@@ -40,7 +40,8 @@ SIMILAR = 2.0
 
 
 def grid_std(h: Harness) -> Grid:
-    return Grid(h.pick((0.1, 0.3, 1.0, 3.0), (0.3, 1.0), (1.0,)), h.pick((1e-4, 1e-2, 1.0), (1e-2,), (1e-2,)),
+    """Standard damping as α = η/λ (large λ: plain SGD with step α); Table 1 (0.1, 1) → α = 0.1."""
+    return Grid(h.pick((0.3, 1.0, 3.0), (0.3, 1.0), (1.0,)), h.pick((1e-4, 1e-2, 1.0), (1e-2,), (1e-2,)),
                 ratio=True)
 
 
