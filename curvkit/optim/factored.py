@@ -28,7 +28,7 @@ at (and include) the inversion step; the official code uses the same ordering wi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,7 +268,7 @@ class FactoredOptimizer(CurvatureOptimizer):
             raise
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One update (see the class docstring for the rule and the module doc for the schedule).
 
         Args:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -254,8 +254,8 @@ class NaturalGradient(CurvatureOptimizer):
             raise
 
     @torch.no_grad()
-    def step(self, closure=None, *, inputs: Tensor | None = None,  # type: ignore[override]
-             targets: Tensor | None = None):
+    def step(self, closure: Callable[[], Any] | None = None, *,  # type: ignore[override]
+             inputs: Tensor | None = None, targets: Tensor | None = None) -> Any:
         """One natural-gradient update.
 
         Args:
