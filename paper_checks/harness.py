@@ -272,10 +272,11 @@ def _resolve(name: str) -> Callable[..., dict[str, float]]:
 
 @torch.no_grad()
 def full_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Mean cross-entropy on ``(x, y)`` (chunks of 2000)."""
+    """Mean cross-entropy on ``(x, y)`` (chunks of 2000), the log-softmax taken in float64 so that
+    losses far below float32's resolution near 0 stay measurable."""
     total = 0.0
     for xs, ys in zip(x.split(2000), y.split(2000)):
-        total += float(F.cross_entropy(model(xs), ys, reduction="sum"))
+        total += float(F.cross_entropy(model(xs).double(), ys, reduction="sum"))
     return total / x.shape[0]
 
 
