@@ -5,7 +5,7 @@ Optimization": exact subsampled Fisher (Woodbury), block-diagonal, KFAC, FOOF an
 structures behind one operator contract, and applications built on it.
 """
 
-from curvkit import capture, ewc, hypergrad, laplace, linalg, optim, validate
+from curvkit import capture, datasets, ewc, hypergrad, laplace, linalg, optim, validate
 from curvkit.curvature import Curvature, fisher, register_structure, structures
 
 __version__ = "0.1.0"
@@ -14,7 +14,7 @@ __all__ = [
     # curvature
     "fisher", "Curvature", "structures", "register_structure",
     # subpackages
-    "linalg", "capture", "optim",
+    "linalg", "capture", "optim", "datasets",
     # applications
     "laplace", "validate", "ewc", "hypergrad",
 ]
