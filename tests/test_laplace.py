@@ -210,8 +210,28 @@ def test_optimize_prior_precision(structure):
             v = list(values)
             v[i] = v[i + 1] = values[i] * f
             assert post.log_marginal_likelihood(v) < best_pl
-    with pytest.raises(ValueError, match="supported: \\['marglik'\\]"):
+    with pytest.raises(ValueError, match="supported: \\['marglik', 'gridsearch'\\]"):
+        post.optimize_prior_precision(method="cv")
+
+
+def test_gridsearch_minimises_validation_nll():
+    case = mlp(True, n=12)
+    post = LaplacePosterior(case.model, case.inputs, case.targets, num_data=40)
+    xv, yv = case.inputs[:6], case.targets[:6]
+    grid = [0.1, 1.0, 10.0, 100.0]
+    nll = []
+    for v in grid:
+        post.prior_precision = v
+        p = post.predictive(xv)
+        nll.append(float(-p.gather(1, yv[:, None]).log().mean()))
+    best = post.optimize_prior_precision(method="gridsearch", val_inputs=xv, val_targets=yv, grid=grid)
+    assert best == grid[min(range(4), key=nll.__getitem__)] and post.prior_precision == best
+    with pytest.raises(ValueError, match="needs held-out data"):
         post.optimize_prior_precision(method="gridsearch")
+    with pytest.raises(ValueError, match="tunes a scalar"):
+        post.optimize_prior_precision(method="gridsearch", per_layer=True, val_inputs=xv, val_targets=yv)
+    with pytest.raises(ValueError, match="finite positive"):
+        post.optimize_prior_precision(method="gridsearch", val_inputs=xv, val_targets=yv, grid=[0.0])
 
 
 def test_scalar_optimum_satisfies_mackay_fixed_point():

@@ -50,6 +50,7 @@ from curvkit.linalg.perturb import (
     ScaledFactor,
     dense_columns,
     gram64,
+    outer_gram64,
     rank_one_split,
 )
 
@@ -138,7 +139,8 @@ class LowRankBlock(Block):
         route: ``"auto"``, ``"dual"`` or ``"primal"`` (see :mod:`curvkit.linalg.perturb`).
     """
 
-    def __init__(self, J: Sequence[LowRankFactor], delta: Tensor, route: str = "auto") -> None:
+    def __init__(self, J: Sequence[LowRankFactor], delta: Tensor, route: str = "auto",
+                 previous: LowRankBlock | None = None) -> None:
         self.J = list(J)
         self.layer_sizes = [f.size for f in self.J]
         self.size = sum(self.layer_sizes)
@@ -146,8 +148,15 @@ class LowRankBlock(Block):
         self.dtype = self.J[0].dtype
         V = StackedFactor([whiten_layer_factor(f, d)
                            for f, d in zip(self.J, self.delta.split(self.layer_sizes))])
-        self.op = DiagonalPlusLowRank(self.delta, V, route=route, name="Laplace precision")
+        gram = None
         self._eig: Tensor | None = None
+        if (previous is not None and previous.J is self.J and _is_constant(previous.delta)
+                and _is_constant(self.delta) and route in ("auto", previous.route)):
+            # a scalar δ changed: the core rescales, K_V' = K_V·δ/δ' (no new Gram / P×P product)
+            gram = previous.op.gram * (float(previous.delta[0]) / float(self.delta[0]))
+            route = previous.route
+            self._eig = previous._eig
+        self.op = DiagonalPlusLowRank(self.delta, V, route=route, name="Laplace precision", gram=gram)
 
     @property
     def route(self) -> str:
@@ -170,15 +179,24 @@ class LowRankBlock(Block):
         return self.op.logdet()
 
     def eigenvalues(self) -> Tensor:
-        """Eigenvalues of ``JᵀJ`` (dual) or ``JJᵀ`` (primal) -- the nonzero ones coincide."""
+        """Eigenvalues of ``JᵀJ`` (``M × M``) or ``JJᵀ`` (``P × P``), whichever is smaller -- the
+        nonzero ones coincide. One eigendecomposition, cached; serves every scalar ``δ``."""
         if self._eig is None:
-            if _is_constant(self.delta):
-                self._eig = self.op.core_eigenvalues() * float(self.delta[0])
-            elif self.op.route == "dual":
-                self._eig = torch.linalg.eigvalsh(gram64(StackedFactor(self.J))).clamp_min(0.0)
-            else:
+            P, M = self.size, self.rank
+            const = _is_constant(self.delta)
+            if self.op.route == "dual" and M <= P:
+                K = self.op.gram * float(self.delta[0]) if const else gram64(StackedFactor(self.J))
+            elif self.op.route == "primal" and P <= M:
                 s = self.delta.sqrt()
-                self._eig = torch.linalg.eigvalsh(s[:, None] * self.op.gram * s[None, :]).clamp_min(0.0)
+                K = s[:, None] * self.op.gram * s[None, :]
+            elif M <= P:
+                check_memory(2 * M * M * 8, f"the {M}×{M} Gram for the evidence", self.delta.device)
+                K = gram64(StackedFactor(self.J))
+            else:
+                check_memory(2 * P * P * 8, f"the {P}×{P} matrix J Jᵀ for the evidence",
+                             self.delta.device)
+                K = outer_gram64(StackedFactor(self.J))
+            self._eig = torch.linalg.eigvalsh(K).clamp_min(0.0)
         return self._eig
 
     def logdet_per_layer(self, layer_sizes):
@@ -240,20 +258,29 @@ class KroneckerBlock(Block):
         self.ev = num_data * sB[:, None] * sA[None, :]  # eigenvalues of n·F_b, (d_out, d_in)
         self.lam = self.ev + float(self.delta[0])
 
-    def _mats(self, X: Tensor) -> Tensor:
-        return X.T.reshape(X.shape[1], self.d_out, self.d_in).to(torch.float64)
+    # layout: a column block X (P_b, k) of row-major vec_r(G_j) is G as (o, d, k); all products
+    # below are single GEMMs on reshaped tensors (no batched tiny matmuls).
+    def _to_eig(self, X: Tensor) -> Tensor:
+        """``U_Bᵀ G_j U_A`` for every column ``j``: ``(P_b, k) -> (o, k, d)`` (float64)."""
+        k = X.shape[1]
+        Z = self.UB.T @ X.to(torch.float64).contiguous().reshape(self.d_out, self.d_in * k)
+        Z = Z.reshape(self.d_out, self.d_in, k).transpose(1, 2).reshape(self.d_out * k, self.d_in)
+        return (Z @ self.UA).reshape(self.d_out, k, self.d_in)
 
-    def _vecs(self, Y: Tensor) -> Tensor:
-        return Y.reshape(Y.shape[0], -1).T
+    def _from_eig(self, H: Tensor) -> Tensor:
+        """``U_B H_j U_Aᵀ`` for ``H`` of shape ``(o, k, d)``: ``-> (P_b, k)`` (float64)."""
+        k = H.shape[1]
+        Y = (H.reshape(self.d_out * k, self.d_in) @ self.UA.T).reshape(self.d_out, k * self.d_in)
+        Y = (self.UB @ Y).reshape(self.d_out, k, self.d_in)
+        return Y.transpose(1, 2).reshape(self.size, k)
 
     def sample(self, k, generator):
-        Z = torch.randn(k, self.d_out, self.d_in, dtype=torch.float64, device=self.lam.device,
+        Z = torch.randn(self.d_out, k, self.d_in, dtype=torch.float64, device=self.lam.device,
                         generator=generator)
-        return self._vecs(self.UB @ (Z / self.lam.sqrt()) @ self.UA.T).to(self.dtype)
+        return self._from_eig(Z * self.lam.rsqrt()[:, None, :]).to(self.dtype)
 
     def solve(self, X):
-        G = self._mats(X)
-        return self._vecs(self.UB @ ((self.UB.T @ G @ self.UA) / self.lam) @ self.UA.T)
+        return self._from_eig(self._to_eig(X) / self.lam[:, None, :])
 
     def inverse_diagonal(self):
         return ((self.UB**2) @ (1.0 / self.lam) @ (self.UA**2).T).reshape(-1)
@@ -265,8 +292,9 @@ class KroneckerBlock(Block):
         return self.ev.reshape(-1)
 
     def quad_blocks(self, X, R):
-        H = (self.UB.T @ self._mats(X) @ self.UA) / self.lam.sqrt()  # (k, d_out, d_in)
-        H = H.reshape(X.shape[1] // R, R, -1)
+        H = self._to_eig(X) * self.lam.rsqrt()[:, None, :]  # (o, k, d)
+        n = X.shape[1] // R
+        H = H.reshape(self.d_out, n, R, self.d_in).permute(1, 2, 0, 3).reshape(n, R, -1)
         return H @ H.transpose(1, 2)
 
 
@@ -444,13 +472,21 @@ class Engine:
 
 # ====================================================================== building
 def build_lowrank_engine(J: Sequence[LowRankFactor], delta: Tensor, layer_sizes: Sequence[int],
-                         structure: str, route: str = "auto") -> Engine:
-    """``"full"`` (one block over all layers) or ``"block_diag"`` (one block per layer)."""
+                         structure: str, route: str = "auto", previous: Engine | None = None) -> Engine:
+    """``"full"`` (one block over all layers) or ``"block_diag"`` (one block per layer).
+
+    ``previous``: an engine on the same factors; its cores are rescaled instead of recomputed
+    when a block's ``δ`` changes from one constant to another.
+    """
+    old = list(previous.blocks) if previous is not None else []
     if structure == "full":
-        return Engine([LowRankBlock(J, delta, route)], layer_sizes, structure)
+        prev = old[0] if len(old) == 1 and isinstance(old[0], LowRankBlock) else None
+        return Engine([LowRankBlock(J, delta, route, prev)], layer_sizes, structure)
     blocks, off = [], 0
-    for f in J:
-        blocks.append(LowRankBlock([f], delta[off:off + f.size], route))
+    for i, f in enumerate(J):
+        prev = old[i] if i < len(old) and isinstance(old[i], LowRankBlock) \
+            and old[i].J[0] is f else None
+        blocks.append(LowRankBlock([f], delta[off:off + f.size], route, prev))
         off += f.size
     return Engine(blocks, layer_sizes, structure)
 

@@ -47,7 +47,7 @@ CHUNK_BYTES = 2**28
 __all__ = [
     "DiagonalPlusLowRank", "GemmOuterFactor", "ScaledFactor", "colmajor", "softmax_null_basis",
     "reduce_softmax_errors",
-    "gram64", "cross_gram64", "block_grams64", "dense_columns", "to_float64", "gram_flops",
+    "gram64", "outer_gram64", "cross_gram64", "block_grams64", "dense_columns", "to_float64", "gram_flops",
     "logdet_identity_plus", "rank_one_split",
 ]
 
@@ -219,6 +219,26 @@ def gram_flops(factor: LowRankFactor) -> float:
     return total
 
 
+def outer_gram64(factor: LowRankFactor) -> Tensor:
+    """``U Uᵀ`` (``P × P``, float64, lower triangle valid), accumulated over column chunks."""
+    P = factor.size
+    S = torch.zeros(P, P, dtype=torch.float64, device=factor.device)
+    blocks = _blocks(factor)
+    if all(isinstance(b, OuterProductFactor) for b in blocks):
+        # chunk over inputs: the columns of a chunk are the per-sample gradients of those inputs
+        R = blocks[0].R
+        step = max(1, CHUNK_BYTES // max(1, 8 * P * R))
+        for i in range(0, blocks[0].N, step):
+            sub = StackedFactor([OuterProductFactor(b.a[i:i + step], b.e[i * b.R:(i + step) * b.R],
+                                                    b.gram_route) for b in blocks])
+            cols = dense_columns(sub, torch.float64)
+            S.addmm_(cols, cols.T)
+    else:
+        cols = dense_columns(factor, torch.float64)
+        S.addmm_(cols, cols.T)
+    return S
+
+
 def dense_columns(factor: LowRankFactor, dtype: torch.dtype | None = None) -> Tensor:
     """The explicit ``(P, M)`` factor (per-sample gradients for layer factors)."""
     dtype = dtype or factor.dtype
@@ -284,13 +304,15 @@ class DiagonalPlusLowRank(LinearOperator):
         V: the whitened factor ``δ^{-1/2} J`` (``P × M``); vectors use its dtype.
         route: ``"dual"``, ``"primal"`` or ``"auto"`` (see module doc).
         block_shapes, name: see :class:`~curvkit.linalg.LinearOperator`.
+        gram: optional precomputed ``VᵀV`` (dual) or ``VVᵀ`` (primal), e.g. a rescaled core
+            after a change of a scalar ``δ``; needs an explicit ``route``.
 
     The factorisation (Cholesky of ``U_M = I + VᵀV`` or of ``I + VVᵀ``) happens in the
     constructor, in float64; ``U_M`` has eigenvalues ≥ 1, so it never fails for finite input.
     """
 
     def __init__(self, delta: Tensor, V: LowRankFactor, route: str = "auto",
-                 block_shapes=None, name: str | None = None) -> None:
+                 block_shapes=None, name: str | None = None, gram: Tensor | None = None) -> None:
         if delta.dim() != 1 or delta.shape[0] != V.size:
             raise ValueError(f"delta must have shape ({V.size},), got {tuple(delta.shape)}")
         if not (torch.isfinite(delta).all() and (delta > 0).all()):
@@ -302,7 +324,14 @@ class DiagonalPlusLowRank(LinearOperator):
         self.V = V
         self.route = self.choose_route(V) if route == "auto" else route
         self.gram: Tensor | None = None  # K = VᵀV (dual) or VVᵀ (primal), float64
-        if self.route == "dual":
+        if gram is not None:
+            if route == "auto":
+                raise ValueError("pass the route together with a precomputed gram")
+            k = V.rank if self.route == "dual" else V.size
+            if gram.shape != (k, k):
+                raise ValueError(f"gram must be {k}×{k} for the {self.route} route, got {tuple(gram.shape)}")
+            self.gram = gram.to(torch.float64)
+        elif self.route == "dual":
             M = V.rank
             check_memory(3 * M * M * 8, f"the {M}×{M} Woodbury core of {self.name}", self.device)
             self.gram = gram64(V)
@@ -318,12 +347,21 @@ class DiagonalPlusLowRank(LinearOperator):
         self.chol = L
 
     # ------------------------------------------------------------------ route
-    @staticmethod
-    def route_costs(V: LowRankFactor) -> dict[str, tuple[float, int]]:
-        """``{route: (flops, bytes)}`` of building and factorising each route's core."""
+    #: cost of one factorisation flop relative to one GEMM flop (CPU Cholesky runs at about half
+    #: the GEMM rate); used by :meth:`route_costs`.
+    FACTOR_FLOP_COST = 2.0
+
+    @classmethod
+    def route_costs(cls, V: LowRankFactor) -> dict[str, tuple[float, int]]:
+        """``{route: (GEMM-equivalent flops, bytes)}`` of building and factorising each core.
+
+        Dual: ``K = VᵀV`` (:func:`gram_flops`) + Cholesky ``M³/3``; primal: ``V Vᵀ`` (``2P²M``)
+        + Cholesky ``P³/3``; factorisation flops weighted by :attr:`FACTOR_FLOP_COST`.
+        """
         P, M = V.size, V.rank
-        dual = (gram_flops(V) + M**3 / 3.0, 3 * M * M * 8)
-        primal = (2.0 * P * P * M + P**3 / 3.0, 2 * P * P * 8 + min(P * M, 2**26) * 8)
+        w = cls.FACTOR_FLOP_COST
+        dual = (gram_flops(V) + w * M**3 / 3.0, 3 * M * M * 8)
+        primal = (2.0 * P * P * M + w * P**3 / 3.0, 2 * P * P * 8 + min(P * M, 2**26) * 8)
         return {"dual": dual, "primal": primal}
 
     @classmethod
@@ -345,24 +383,10 @@ class DiagonalPlusLowRank(LinearOperator):
         return min(fits, key=lambda r: fits[r][0])
 
     def _primal_matrix(self) -> Tensor:
-        """``V Vᵀ`` (``P × P``, float64), accumulated over column chunks of ``V``."""
+        """``V Vᵀ`` (``P × P``, float64)."""
         P = self.V.size
         check_memory(2 * P * P * 8, f"the {P}×{P} primal matrix of {self.name}", self.device)
-        S = torch.zeros(P, P, dtype=torch.float64, device=self.device)
-        blocks = _blocks(self.V)
-        if all(isinstance(b, OuterProductFactor) for b in blocks):
-            # chunk over inputs: the columns of a chunk are the per-sample gradients of those inputs
-            R = blocks[0].R
-            step = max(1, CHUNK_BYTES // max(1, 8 * P * R))
-            for i in range(0, blocks[0].N, step):
-                sub = StackedFactor([OuterProductFactor(b.a[i:i + step], b.e[i * b.R:(i + step) * b.R],
-                                                        b.gram_route) for b in blocks])
-                cols = dense_columns(sub, torch.float64)
-                S.addmm_(cols, cols.T)
-        else:
-            cols = dense_columns(self.V, torch.float64)
-            S.addmm_(cols, cols.T)
-        return S
+        return outer_gram64(self.V)
 
     # ------------------------------------------------------------------ core pieces
     def _core_solve(self, B: Tensor) -> Tensor:

@@ -1,0 +1,248 @@
+"""Full-covariance Laplace: curvkit's exact Woodbury/perturbation posterior vs laplace-torch.
+
+For MLPs with ``P ≈ 6k, 17k`` (digits-shaped, 64 inputs) and ``P ≈ 2.8M`` (784-1000-1000-1000-10,
+random 784-dim inputs), ``N = 1000`` inputs, ``C = 10`` classes, float32 models at initialisation:
+
+* curvkit ``LaplacePosterior(structure="full")`` with the exact Fisher (``M = N·(C−1) = 9000``
+  columns after the softmax rank reduction) and the MC Fisher (``M = N = 1000``): **fit** time
+  (capture, ``M × M`` Gram, Cholesky) and the time for **100 exact samples**;
+* laplace-torch ``FullLaplace`` (curvlinops GGN, ``stochastic=True`` for MC): ``fit`` and
+  ``sample(100)`` (which factorises the ``P × P`` precision), skipped above ``P = 20 000`` where
+  the ``P × P`` precision and its factor would need ``P²·8`` bytes (printed).
+
+Every measurement runs in a fresh subprocess; **peak** memory is that process's ``ru_maxrss``
+(it includes the Python/torch baseline of ≈ 0.3 GB). Not a test.
+
+Usage::
+
+    python benchmarks/laplace.py                 # full mode (N = 1000, all three sizes)
+    python benchmarks/laplace.py --quick         # smoke mode (N = 200, P ≈ 6k and 17k)
+    python benchmarks/laplace.py --out results   # JSON goes to results/laplace_benchmark.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "6k": {"widths": [64, 80, 10], "data": "digits"},
+    "17k": {"widths": [64, 128, 64, 10], "data": "digits"},
+    "2.8M": {"widths": [784, 1000, 1000, 1000, 10], "data": "random"},
+}
+LAPLACE_TORCH_MAX_P = 20_000
+N_SAMPLES = 100
+
+
+# ====================================================================== worker (one measurement)
+def _model_and_data(config: str, N: int, seed: int = 0):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    widths = CONFIGS[config]["widths"]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    model = nn.Sequential(*layers)
+    if CONFIGS[config]["data"] == "digits":
+        from curvkit.datasets import load_digits
+
+        ds = load_digits()
+        x = torch.as_tensor(ds.x_train[:N], dtype=torch.float32)
+        y = torch.as_tensor(ds.y_train[:N], dtype=torch.int64)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(N, widths[0], generator=g)
+        y = torch.randint(0, widths[-1], (N,), generator=g)
+    return model, x, y
+
+
+def _drop_script_dir() -> None:
+    """This file is named ``laplace.py``: keep it from shadowing the laplace-torch package."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != here]
+    mod = sys.modules.get("laplace")
+    if mod is not None and os.path.dirname(os.path.abspath(getattr(mod, "__file__", "") or "")) == here:
+        del sys.modules["laplace"]
+
+
+def _import_laplace_torch():
+    """laplace-torch, with torchvision reported unavailable (a torchvision/torch mismatch here)."""
+    _drop_script_dir()
+    try:
+        import lightning_utilities.core.imports as lui
+    except ImportError:  # pragma: no cover
+        import laplace
+
+        return laplace
+    orig = lui.RequirementCache.__bool__
+
+    def no_torchvision(self):
+        return False if str(getattr(self, "requirement", "")).startswith("torchvision") else orig(self)
+
+    lui.RequirementCache.__bool__ = no_torchvision
+    try:
+        import laplace
+    finally:
+        lui.RequirementCache.__bool__ = orig
+    return laplace
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    model, x, y = _model_and_data(spec["config"], spec["N"])
+    P = sum(p.numel() for p in model.parameters())
+    out: dict = {**spec, "P": P}
+    if spec["library"] == "curvkit":
+        from curvkit.laplace import LaplacePosterior
+
+        LaplacePosterior(model, x[:4], y[:4], kind=spec["kind"],
+                         generator=torch.Generator().manual_seed(0))  # warm-up (lazy imports)
+        t0 = time.perf_counter()
+        post = LaplacePosterior(model, x, y, kind=spec["kind"], prior_precision=1.0,
+                                generator=torch.Generator().manual_seed(0))
+        t1 = time.perf_counter()
+        samples = post.sample(N_SAMPLES, torch.Generator().manual_seed(1))
+        t2 = time.perf_counter()
+        block = post.engine.blocks[0]
+        out.update(fit_s=t1 - t0, sample_s=t2 - t1, M=post.rank, route=block.route,
+                   finite=bool(torch.isfinite(samples).all()))
+    else:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        laplace = _import_laplace_torch()
+        la = laplace.FullLaplace(model, "classification", prior_precision=1.0,
+                                 backend_kwargs={"stochastic": spec["kind"] == "mc"})
+        loader = DataLoader(TensorDataset(x, y), batch_size=spec["N"])
+        t0 = time.perf_counter()
+        la.fit(loader)
+        t1 = time.perf_counter()
+        samples = la.sample(N_SAMPLES, generator=torch.Generator().manual_seed(1))
+        t2 = time.perf_counter()
+        out.update(fit_s=t1 - t0, sample_s=t2 - t1, M=None, route="P×P",
+                   finite=bool(torch.isfinite(samples).all()))
+    out["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return out
+
+
+# ====================================================================== driver
+def run_one(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timeout after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**spec, "error": " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| config | P | Fisher | M | route | curvkit fit s | curvkit 100 samples s | curvkit peak GB "
+            "| laplace-torch fit s | laplace-torch 100 samples s | laplace-torch peak GB | speed-up |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        ck, lt = r["curvkit"], r.get("laplace_torch")
+        ck_total = None if "error" in ck else ck["fit_s"] + ck["sample_s"]
+        if lt is None or "error" in lt:
+            why = r.get("laplace_torch_note") or (lt or {}).get("error", "not run")
+            lt_cells = [why, "–", "–"]
+            speed = "–"
+        else:
+            lt_cells = [_fmt(lt["fit_s"]), _fmt(lt["sample_s"]), _fmt(lt["peak_gb"])]
+            speed = f"{(lt['fit_s'] + lt['sample_s']) / ck_total:.1f}×" if ck_total else "–"
+        if "error" in ck:
+            ck_cells = [ck["error"], "–", "–"]
+            M, route = "–", "–"
+        else:
+            ck_cells = [_fmt(ck["fit_s"]), _fmt(ck["sample_s"]), _fmt(ck["peak_gb"])]
+            M, route = str(ck["M"]), ck["route"]
+        lines.append(f"| {r['config']} | {r['P']:,} | {r['kind']} | {M} | {route} | "
+                     + " | ".join(ck_cells) + " | " + " | ".join(lt_cells) + f" | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke mode: N = 200, P ≈ 6k and 17k")
+    ap.add_argument("--out", default="results", help="output folder for laplace_benchmark.json")
+    ap.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(CONFIGS)}")
+    ap.add_argument("--no-laplace-torch", action="store_true", help="skip the laplace-torch runs")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    N = 200 if args.quick else 1000
+    configs = args.configs or (["6k", "17k"] if args.quick else list(CONFIGS))
+    have_lt = not args.no_laplace_torch
+    if have_lt:
+        import importlib.util
+
+        _drop_script_dir()
+        have_lt = importlib.util.find_spec("laplace") is not None
+    rows = []
+    for config in configs:
+        widths = CONFIGS[config]["widths"]
+        P = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+        for kind in ("exact", "mc"):
+            spec = {"config": config, "kind": kind, "N": N}
+            row: dict = {"config": config, "kind": kind, "P": P, "N": N}
+            row["curvkit"] = run_one({**spec, "library": "curvkit"}, args.timeout)
+            if P > LAPLACE_TORCH_MAX_P:
+                row["laplace_torch_note"] = f"skipped: needs P²·8 B = {P * P * 8 / 1e12:.1f} TB"
+            elif not have_lt:
+                row["laplace_torch_note"] = "laplace-torch not installed/disabled"
+            elif args.quick and config != "6k":
+                row["laplace_torch_note"] = "skipped in --quick"
+            else:
+                row["laplace_torch"] = run_one({**spec, "library": "laplace_torch"}, args.timeout)
+            rows.append(row)
+            print(f"  done {config} {kind}: curvkit {row['curvkit'].get('fit_s', 'err')}", flush=True)
+    text = table(rows)
+    print(text)
+    goals = []
+    for r in rows:
+        ck, lt = r["curvkit"], r.get("laplace_torch")
+        if "error" in ck:
+            continue
+        tot = ck["fit_s"] + ck["sample_s"]
+        if r["config"] == "17k" and r["kind"] == "exact" and lt and "error" not in lt:
+            goals.append(f"exact Fisher, P≈17k: {(lt['fit_s'] + lt['sample_s']) / tot:.1f}× faster than "
+                         "FullLaplace (goal ≥ 10×)")
+        if r["config"] == "17k" and r["kind"] == "mc":
+            goals.append(f"MC Fisher, P≈17k: fit + 100 samples {tot:.2f} s (goal < 1 s)")
+        if r["config"] == "2.8M" and r["kind"] == "exact":
+            goals.append(f"exact Fisher, P≈2.8M: fit + 100 samples {tot:.1f} s (goal < 60 s)")
+    for g in goals:
+        print("goal:", g)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"N": N, "quick": args.quick, "threads": os.cpu_count(), "n_samples": N_SAMPLES,
+            "command": "python benchmarks/laplace.py" + (" --quick" if args.quick else "")}
+    (out / "laplace_benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": goals},
+                                                           indent=2))
+    print(f"wrote {out / 'laplace_benchmark.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
