@@ -263,7 +263,7 @@ def bench_model(name: str, quick: bool, rounds: int, seed: int = 0) -> dict:
             continue
         runs.append((m, opt, model))
     methods = [m for m, _, _ in runs]
-    n_plain, n_stats, n_simple = (1, 1, 1) if quick else (5, 3, 5)
+    n_plain, n_stats, n_simple = (1, 1, 1) if quick else (8, 3, 6)
     for _ in range(rounds):
         for m, opt, model in runs:  # round-robin: every method sees the same machine state
             run_round(m, opt, model, batches, n_plain, n_stats, n_simple)
@@ -320,13 +320,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few steps (smoke test)")
     ap.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
-    ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 3; quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 5; quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     t0 = time.time()
     res = {}
     for name in args.models.split(","):

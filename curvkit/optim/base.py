@@ -206,9 +206,10 @@ class CurvatureOptimizer(Optimizer):
                         raise TypeError(f"{type(self).__name__} does not support sparse gradients "
                                         f"('{self.param_name(p)}')")
                     present.append(p)
+        present = [p for p in present if p.grad.numel()]
         if present:  # one pass per tensor (min and max are non-finite iff an entry is) and one sync
-            ok = torch.isfinite(torch.stack([torch.stack(torch.aminmax(p.grad.detach())) if p.grad.numel()
-                                             else p.grad.new_zeros(2) for p in present])).all(1)
+            ok = torch.isfinite(torch.stack([torch.stack(torch.aminmax(p.grad.detach()))
+                                             for p in present])).all(1)
             if not bool(ok.all()):
                 bad = present[int((~ok).nonzero()[0, 0])]
                 raise FloatingPointError(
@@ -224,15 +225,23 @@ class CurvatureOptimizer(Optimizer):
         out: dict[int, Tensor] = {}
         for group in self.param_groups:
             mu = group["momentum"]
+            old, new, ids = [], [], []
             for p in group["params"]:
                 g = grads[id(p)]
                 if g is None:
                     continue
+                buf = self.state.get(p, {}).get("momentum_buffer") if mu != 0 else None
                 if mu == 0:
                     out[id(p)] = g
-                    continue
-                buf = self.state.get(p, {}).get("momentum_buffer")
-                out[id(p)] = g.detach().clone() if buf is None else buf * mu + g
+                elif buf is None:
+                    out[id(p)] = g.detach().clone()
+                else:
+                    old.append(buf)
+                    new.append(g.detach())
+                    ids.append(id(p))
+            if ids:  # out of place (new tensors), so saved states stay snapshots
+                for i, b in zip(ids, torch._foreach_add(torch._foreach_mul(old, mu), new)):
+                    out[i] = b
         return out
 
     def _layer_vectors(self, bufs: dict[int, Tensor]) -> list[Tensor | None]:

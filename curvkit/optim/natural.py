@@ -66,7 +66,9 @@ class NaturalGradient(CurvatureOptimizer):
             ``(N, C)``.
         lr: ``η > 0``.
         damping: ``λ > 0`` (read every step). Per-group dampings need
-            ``structure="block_diag"`` (one block-diagonal Fisher per group).
+            ``structure="block_diag"``; with several groups, each group gets its own
+            block-diagonal Fisher (its own ``curvkit.fisher`` call and, for ``"mc"``, its own
+            sampled labels).
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         kind: ``"mc"``, ``"exact"`` or ``"empirical"``.
         structure: ``"full"`` or ``"block_diag"``.
