@@ -29,7 +29,7 @@ import curvkit.linalg.operator as operator_mod
 from curvkit.capture import UnsupportedLayerError
 from curvkit.laplace import LaplacePosterior, probit
 from curvkit.laplace.posterior import LOWRANK_STRUCTURES
-from curvkit.linalg.perturb import dense_columns
+from curvkit.linalg.factor_ops import dense_columns
 from curvkit.testing import dense_block_diagonal, dense_fisher, per_sample_jacobians
 
 f64 = torch.float64

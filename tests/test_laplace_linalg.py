@@ -1,4 +1,4 @@
-"""Dense float64 tests of :mod:`curvkit.linalg.perturb` (the algebra behind the Laplace posterior).
+"""Dense float64 tests of :mod:`curvkit.linalg.perturb` and :mod:`curvkit.linalg.factor_ops`.
 
 Ground truths are explicit matrices: ``Λ = diag(δ) + J Jᵀ`` formed from an explicit ``J`` (built
 column by column from per-sample outer products), inverted with ``torch.linalg``.
@@ -15,8 +15,7 @@ import torch
 
 import curvkit.linalg.operator as operator_mod
 from curvkit.linalg import DenseFactor, OuterProductFactor, StackedFactor
-from curvkit.linalg.perturb import (
-    DiagonalPlusLowRank,
+from curvkit.linalg.factor_ops import (
     GemmOuterFactor,
     ScaledFactor,
     block_grams64,
@@ -27,6 +26,7 @@ from curvkit.linalg.perturb import (
     reduce_softmax_errors,
     softmax_null_basis,
 )
+from curvkit.linalg.perturb import DiagonalPlusLowRank
 from curvkit.testing import assert_operator_matches
 
 f64 = torch.float64

@@ -57,7 +57,7 @@ from curvkit.laplace.predictive import (
 )
 from curvkit.laplace.prior import PriorPrecision
 from curvkit.linalg import OuterProductFactor
-from curvkit.linalg.perturb import GemmOuterFactor, reduce_softmax_errors
+from curvkit.linalg.factor_ops import GemmOuterFactor, reduce_softmax_errors
 
 LOWRANK_STRUCTURES = ("full", "block_diag")
 
