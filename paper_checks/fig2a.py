@@ -18,7 +18,7 @@ from paper_checks.common import (
     NAT_MC_FB,
     fullbatch,
     grid_gd,
-    grid_kfac_fb,
+    grid_nat_fb,
 )
 from paper_checks.harness import (
     CheckResult,
@@ -47,9 +47,9 @@ STRONG = 3.0
 def run(h: Harness) -> CheckResult:
     t0 = time.perf_counter()
     setup = fullbatch(h, 1000, 300, hidden=(), data="digits")
-    nat_grid = Grid(h.pick((0.1, 0.3, 1.0), (0.3, 1.0), (1.0,)),
-                    h.pick((1e-4, 1e-2, 1.0), (1e-2, 1.0), (1.0,)), ratio=True)
-    kfac_grid = Grid(h.pick((1e-2, 1e-1, 1.0, 10.0), (0.1, 1.0), (0.1,)), grid_kfac_fb(h).dampings)
+    nat_grid = grid_nat_fb(h)
+    kfac_grid = Grid(h.pick((0.1, 1.0, 10.0), (0.1, 1.0), (0.1,)),
+                     h.pick((1e-6, 1e-4, 1e-2, 1.0), (1e-6, 1e-4), (1e-4,)))
     res = h.tune(setup, [(KFAC_FB, kfac_grid), (NAT_FULL_FB, nat_grid), (NAT_MC_FB, nat_grid),
                          (GD_M, grid_gd(h)), (GD, grid_gd(h))], desc=NAME)
     kfac, full, mc, gdm, gd = (res[m.label] for m in (KFAC_FB, NAT_FULL_FB, NAT_MC_FB, GD_M, GD))

@@ -577,6 +577,7 @@ class Harness:
         out = self.cfg.out_dir
         (out / "figures").mkdir(parents=True, exist_ok=True)
         if fig is not None:
+            fig.tight_layout()
             fig.savefig(self.figure_path(result.name), dpi=110, bbox_inches="tight")
             result.figure = f"figures/{result.name}.png"
             if self.cfg.commit:
