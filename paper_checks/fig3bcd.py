@@ -105,8 +105,8 @@ def run(h: Harness) -> CheckResult:
     setup = Setup(data="mnist1d", hidden=WIDTH, batch_size=BATCH, steps=h.pick(1500, 300, 30),
                   eval_every=h.pick(50, 50, 10))
     dampings = [d / BATCH for d in PAPER_DAMPINGS]
-    lr_kfac = h.pick((3e-4, 1e-3, 3e-3), (1e-3, 3e-3), (1e-3,))
-    lr_foof = h.pick((0.1, 0.3, 1.0), (0.3, 1.0), (0.3,))
+    lr_kfac = h.pick((1e-4, 3e-4, 1e-3, 3e-3), (3e-4, 1e-3), (1e-3,))
+    lr_foof = h.pick((0.03, 0.1, 0.3, 1.0), (0.1, 0.3), (0.3,))
     plans = []
     for lam in dampings:
         plans.append((Method.make(f"KFAC λ_p={lam * BATCH:g}", "kfac", ema_decay=0.95, inv_period=1),
