@@ -8,7 +8,8 @@ Protocol (Benzing 2022, App. D.5, scaled to a 2-core CPU; see ``REPORT.md``):
 * batch 100 (or full batch for the subset controls), constant learning rate and damping;
 * every method gets its own grid search, selected by the **final training loss** (loss on the
   whole training set after the last update) of seed 0; the selected point is then run with the
-  remaining seeds and reported as mean ± std over seeds (the seed-0 grid run is one of them);
+  remaining seeds and reported as mean ± std over seeds (the seed-0 grid run is one of them); if
+  it diverges on another seed, the next-best point is taken (at most ``MAX_FALLBACKS`` times);
 * a run whose loss becomes non-finite (or whose optimizer refuses a step) counts as diverged,
   with final loss ``inf`` for the ranking (``null`` in the JSON).
 
@@ -60,6 +61,9 @@ VERDICTS = (HOLDS, PARTLY, FAILS, NOT_RUN)
 
 #: Batch size of the paper's minibatch experiments; also the ``N`` of the η/λ mapping.
 BATCH = 100
+#: How many next-best grid points :meth:`Harness.tune` tries when the selected one diverges on
+#: another seed.
+MAX_FALLBACKS = 2
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -400,6 +404,7 @@ class MethodResult:
     curve_mean: list[float]
     curve_std: list[float]
     runs: list[Run]
+    fallbacks: int = 0
 
     @property
     def mean(self) -> float:
@@ -424,6 +429,7 @@ class MethodResult:
             "lr": self.lr,
             "damping": self.damping,
             "best_on_grid_edge": self.edges,
+            "fallbacks": self.fallbacks,
             "final_losses": [_num(v) for v in self.finals],
             "final_mean": _num(self.mean),
             "final_std": _num(self.std),
@@ -534,20 +540,46 @@ class Harness:
     def tune(self, setup: Setup, plans: Sequence[tuple[Method, Grid]],
              seeds: Sequence[int] | None = None, desc: str = "grid") -> dict[str, MethodResult]:
         """Grid-search every method on seed 0 (final training loss), then run the selected point
-        with all seeds. Grid points of all methods run together (parallel across methods)."""
+        with all seeds. Grid points of all methods run together (parallel across methods).
+
+        Stability rule: if the selected point diverges on another seed, the next-best grid point
+        (by seed-0 final loss) is tried, up to :data:`MAX_FALLBACKS` times; the number of skipped
+        points is reported (``fallbacks``). If every try diverges, the first choice is reported
+        with its diverged seeds.
+        """
         seeds = self.seeds if seeds is None else list(seeds)
         grid_specs = [[RunSpec(setup, m, lr, d, seeds[0]) for lr, d, _ in g.points()] for m, g in plans]
         flat = [s for group in grid_specs for s in group]
         self.run_many(flat, desc=f"{desc}: grid")
-        chosen = []
+        ranked = []
         for group in grid_specs:
-            finals = [self.cache[s].final for s in group]
-            best = int(np.argmin(np.where(np.isfinite(finals), finals, np.inf))) if finals else 0
-            chosen.append(group[best])
-        seed_specs = [[RunSpec(setup, c.method, c.lr, c.damping, sd) for sd in seeds] for c in chosen]
-        self.run_many([s for group in seed_specs for s in group], desc=f"{desc}: seeds")
+            finals = np.array([self.cache[s].final for s in group], dtype=float)
+            order = [int(i) for i in np.argsort(np.where(np.isfinite(finals), finals, np.inf), kind="stable")]
+            ranked.append([group[i] for i in order if math.isfinite(finals[i])] or [group[order[0]]])
+        tries = [0] * len(plans)
+        done = [False] * len(plans)
+
+        def seed_specs(k: int) -> list[RunSpec]:
+            c = ranked[k][tries[k]]
+            return [RunSpec(setup, c.method, c.lr, c.damping, sd) for sd in seeds]
+
+        for _ in range(MAX_FALLBACKS + 1):
+            todo = [k for k in range(len(plans)) if not done[k]]
+            if not todo:
+                break
+            self.run_many([s for k in todo for s in seed_specs(k)], desc=f"{desc}: seeds")
+            for k in todo:
+                stable = all(math.isfinite(self.cache[s].final) for s in seed_specs(k))
+                if stable or tries[k] + 1 >= min(len(ranked[k]), MAX_FALLBACKS + 1):
+                    done[k] = True
+                    if not stable:
+                        tries[k] = 0  # nothing stable: report the first choice
+                else:
+                    tries[k] += 1
+        chosen = [ranked[k][tries[k]] for k in range(len(plans))]
+        all_seed_specs = [seed_specs(k) for k in range(len(plans))]
         out: dict[str, MethodResult] = {}
-        for (m, g), group, c, sspecs in zip(plans, grid_specs, chosen, seed_specs):
+        for (m, g), group, c, sspecs, nfb in zip(plans, grid_specs, chosen, all_seed_specs, tries):
             table = []
             for (_, _, a), s in zip(g.points(), group):
                 table.append({"lr": s.lr, "damping": s.damping, "lr_or_ratio": a,
@@ -557,7 +589,7 @@ class Harness:
             out[m.label] = MethodResult(
                 label=m.label, method=m, grid=g, table=table, lr=c.lr, damping=c.damping,
                 edges=_edges(g, c.lr, c.damping, table), finals=[r.final for r in runs],
-                curve_steps=steps, curve_mean=mean, curve_std=std, runs=runs)
+                curve_steps=steps, curve_mean=mean, curve_std=std, runs=runs, fallbacks=nfb)
         return out
 
     def fixed(self, setup: Setup, method: Method, lr: float, damping: float | None,

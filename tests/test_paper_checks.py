@@ -20,6 +20,7 @@ from paper_checks.harness import (
     Harness,
     Method,
     MethodResult,
+    Run,
     RunSpec,
     Setup,
     gap_closed,
@@ -65,6 +66,20 @@ def test_verdict_rules():
 
     assert gap_closed(fake(1.0), fake(0.1), fake(0.01)) == pytest.approx(0.5)
     assert math.isnan(gap_closed(fake(0.01), fake(0.1), fake(1.0)))  # no gap
+
+
+def test_tune_falls_back_when_the_selected_point_diverges_on_another_seed(tmp_path):
+    setup = Setup(data="digits", n_train=64, hidden=(8,), batch_size=32, steps=6, eval_every=3)
+    method = Method.make("SGD+M", "sgd")
+    finals = {(0.1, 0): 0.5, (0.2, 0): 0.02, (0.3, 0): 0.01, (0.2, 1): 0.03, (0.3, 1): math.inf}
+    cfg = Config(level="tiny", seeds=2, jobs=1, out_dir=tmp_path, progress=False)
+    with Harness(cfg) as h:
+        for (lr, seed), v in finals.items():  # pre-filled cache: no training happens
+            h.cache[RunSpec(setup, method, lr, None, seed)] = Run([0, 6], [2.3, v], v, not math.isfinite(v),
+                                                                   0.0, 0.0)
+        res = h.tune(setup, [(method, Grid((0.1, 0.2, 0.3)))])["SGD+M"]
+    assert res.lr == 0.2 and res.fallbacks == 1 and res.finals == [0.02, 0.03]
+    assert res.summary()["fallbacks"] == 1
 
 
 def test_training_run_is_reproducible_and_reports_divergence():
