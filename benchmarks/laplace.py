@@ -8,7 +8,9 @@ random 784-dim inputs), ``N = 1000`` inputs, ``C = 10`` classes, float32 models 
   (capture, ``M × M`` Gram, Cholesky) and the time for **100 exact samples**;
 * laplace-torch ``FullLaplace`` (curvlinops GGN, ``stochastic=True`` for MC): ``fit`` and
   ``sample(100)`` (which factorises the ``P × P`` precision), skipped above ``P = 20 000`` where
-  the ``P × P`` precision and its factor would need ``P²·8`` bytes (printed).
+  the ``P × P`` precision and its factor would need ``P²·8`` bytes (printed). Its DataLoader
+  batch is the largest of ``N, 500, 200, 100`` whose estimated peak memory fits (at ``P ≈ 17k``
+  batch 1000 needs ≈ 50 GB and is OOM-killed on a 24 GB machine; batch 100 ≈ 12 GB).
 
 Every measurement runs in a fresh subprocess; **peak** memory is that process's ``ru_maxrss``
 (it includes the Python/torch baseline of ≈ 0.3 GB). Not a test.
@@ -18,6 +20,8 @@ Usage::
     python benchmarks/laplace.py                 # full mode (N = 1000, all three sizes)
     python benchmarks/laplace.py --quick         # smoke mode (N = 200, P ≈ 6k and 17k)
     python benchmarks/laplace.py --out results   # JSON goes to results/laplace_benchmark.json
+    python benchmarks/laplace.py --no-laplace-torch                 # curvkit only (≈ 3 min)
+    python benchmarks/laplace.py --configs 17k --laplace-torch-kinds exact --name laplace_17k
 """
 
 from __future__ import annotations
@@ -38,6 +42,20 @@ CONFIGS = {
 }
 LAPLACE_TORCH_MAX_P = 20_000
 N_SAMPLES = 100
+#: laplace-torch's peak memory per entry of the P × P matrix, measured at P = 6010 with curvlinops'
+#: GGN: ≈ 171 B at DataLoader batch 1000, ≈ 40 B at batch 100 (≈ 23 + 0.15·batch bytes).
+LT_BYTES_PER_ENTRY = (23.0, 0.15)
+
+
+def laplace_torch_batch(P: int, N: int) -> int:
+    """The largest DataLoader batch (fastest) whose estimated peak fits in 60% of free memory."""
+    from curvkit.linalg import available_memory_bytes
+
+    free = 0.6 * available_memory_bytes()
+    for b in (N, 500, 200, 100):
+        if b <= N and (LT_BYTES_PER_ENTRY[0] + LT_BYTES_PER_ENTRY[1] * b) * P * P + 5e8 <= free:
+            return b
+    return min(N, 100)
 
 
 # ====================================================================== worker (one measurement)
@@ -123,13 +141,14 @@ def worker(spec: dict) -> dict:
         laplace = _import_laplace_torch()
         la = laplace.FullLaplace(model, "classification", prior_precision=1.0,
                                  backend_kwargs={"stochastic": spec["kind"] == "mc"})
-        loader = DataLoader(TensorDataset(x, y), batch_size=spec["N"])
+        batch = laplace_torch_batch(P, spec["N"])
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch)
         t0 = time.perf_counter()
         la.fit(loader)
         t1 = time.perf_counter()
         samples = la.sample(N_SAMPLES, generator=torch.Generator().manual_seed(1))
         t2 = time.perf_counter()
-        out.update(fit_s=t1 - t0, sample_s=t2 - t1, M=None, route="P×P",
+        out.update(fit_s=t1 - t0, sample_s=t2 - t1, M=None, route="P×P", batch=batch,
                    finite=bool(torch.isfinite(samples).all()))
     out["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     return out
@@ -165,7 +184,8 @@ def table(rows: list[dict]) -> str:
             lt_cells = [why, "–", "–"]
             speed = "–"
         else:
-            lt_cells = [_fmt(lt["fit_s"]), _fmt(lt["sample_s"]), _fmt(lt["peak_gb"])]
+            lt_cells = [f"{_fmt(lt['fit_s'])} (batch {lt.get('batch', '?')})", _fmt(lt["sample_s"]),
+                        _fmt(lt["peak_gb"])]
             speed = f"{(lt['fit_s'] + lt['sample_s']) / ck_total:.1f}×" if ck_total else "–"
         if "error" in ck:
             ck_cells = [ck["error"], "–", "–"]
@@ -184,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results", help="output folder for laplace_benchmark.json")
     ap.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(CONFIGS)}")
     ap.add_argument("--no-laplace-torch", action="store_true", help="skip the laplace-torch runs")
+    ap.add_argument("--kinds", nargs="*", default=["exact", "mc"], help="Fisher kinds to run")
+    ap.add_argument("--laplace-torch-kinds", nargs="*", default=["exact", "mc"],
+                    help="kinds for which laplace-torch also runs")
+    ap.add_argument("--name", default="laplace_benchmark", help="JSON file name (without .json)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -203,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         widths = CONFIGS[config]["widths"]
         P = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
-        for kind in ("exact", "mc"):
+        for kind in args.kinds:
             spec = {"config": config, "kind": kind, "N": N}
             row: dict = {"config": config, "kind": kind, "P": P, "N": N}
             row["curvkit"] = run_one({**spec, "library": "curvkit"}, args.timeout)
@@ -213,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["laplace_torch_note"] = "laplace-torch not installed/disabled"
             elif args.quick and config != "6k":
                 row["laplace_torch_note"] = "skipped in --quick"
+            elif kind not in args.laplace_torch_kinds:
+                row["laplace_torch_note"] = "not run (--laplace-torch-kinds)"
             else:
                 row["laplace_torch"] = run_one({**spec, "library": "laplace_torch"}, args.timeout)
             rows.append(row)
@@ -236,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         print("goal:", g)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"N": N, "quick": args.quick, "threads": os.cpu_count(), "n_samples": N_SAMPLES,
-            "command": "python benchmarks/laplace.py" + (" --quick" if args.quick else "")}
-    (out / "laplace_benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": goals},
-                                                           indent=2))
-    print(f"wrote {out / 'laplace_benchmark.json'}")
+    meta = {"N": N, "quick": args.quick, "cpus": os.cpu_count(), "n_samples": N_SAMPLES,
+            "command": "python benchmarks/laplace.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    path = out / f"{args.name}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "goals": goals}, indent=2))
+    print(f"wrote {path}")
     return 0
 
 

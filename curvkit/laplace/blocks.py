@@ -61,8 +61,7 @@ def _is_constant(x: Tensor) -> bool:
 
 
 # ====================================================================== whitening of J
-def whiten_layer_factor(J: LowRankFactor, delta: Tensor, d_out: int | None = None,
-                        d_in: int | None = None) -> LowRankFactor:
+def whiten_layer_factor(J: LowRankFactor, delta: Tensor) -> LowRankFactor:
     """``V = diag(δ)^{-1/2} J`` for one layer's factor.
 
     * :class:`~curvkit.linalg.OuterProductFactor` and ``δ⁻¹ = r cᵀ`` rank one on the layer's

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from curvkit.capture.targets import check_targets
 from curvkit.curvature import Curvature, fisher
+from curvkit.laplace.blocks import LowRankBlock
 from curvkit.laplace.engines import (
     Engine,
     build_lowrank_engine,
@@ -273,10 +274,10 @@ class LaplacePosterior:
             raise ValueError("x must be a non-empty batch of inputs")
         with torch.no_grad():
             C = int(self.model(x[:1]).shape[1])
-        b0 = self._engine.blocks[0]
-        per_input = 8 * C * (3 * b0.rank if len(self._engine.blocks) == 1 and hasattr(b0, "rank")
-                             else 2 * self.num_params)
-        step = chunk_inputs(x.shape[0], per_input)
+        # per test input: C columns of J_t (P each, float64) and, for a low-rank core, M × C Grams
+        blocks = self._engine.blocks
+        rank = blocks[0].rank if isinstance(blocks[0], LowRankBlock) else 0
+        step = chunk_inputs(x.shape[0], 8 * C * (3 * rank + 2 * self.num_params))
         means, covs = [], []
         for i in range(0, x.shape[0], step):
             out, Jt = output_jacobian_factors(self.model, x[i:i + step], self.layers)
