@@ -333,6 +333,27 @@ def test_prebuilt_curvature_is_reused():
     assert "structure='full'" in repr(a) and "M=12" in repr(a)
 
 
+@pytest.mark.parametrize("route", ["dual", "primal"])
+def test_scalar_prior_change_reuses_the_core(route, monkeypatch):
+    """Changing a scalar δ rescales ``K_V = K_J/δ``: no new Gram / ``J Jᵀ`` product is formed."""
+    import curvkit.linalg.perturb as perturb_mod
+
+    case = mlp(True)
+    post = LaplacePosterior(case.model, case.inputs, case.targets, num_data=NUM_DATA, route=route)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the core was recomputed")
+
+    monkeypatch.setattr(perturb_mod, "gram64", forbidden)
+    monkeypatch.setattr(perturb_mod, "outer_gram64", forbidden)
+    post.prior_precision = 4.0
+    monkeypatch.undo()
+    fresh = LaplacePosterior(case.model, case.inputs, case.targets, num_data=NUM_DATA, route=route,
+                             prior_precision=4.0)
+    torch.testing.assert_close(post.log_marginal_likelihood(), fresh.log_marginal_likelihood())
+    torch.testing.assert_close(post.marginal_variance(), fresh.marginal_variance())
+
+
 def test_prior_setter_rebuilds():
     case = mlp(True)
     post = LaplacePosterior(case.model, case.inputs, case.targets, num_data=NUM_DATA)

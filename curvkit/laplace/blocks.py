@@ -147,7 +147,9 @@ class LowRankBlock(Block):
                            for f, d in zip(self.J, self.delta.split(self.layer_sizes))])
         gram = None
         self._eig: Tensor | None = None
-        if (previous is not None and previous.J is self.J and _is_constant(previous.delta)
+        same_factors = previous is not None and len(previous.J) == len(self.J) and all(
+            a is b for a, b in zip(previous.J, self.J))
+        if (same_factors and _is_constant(previous.delta)
                 and _is_constant(self.delta) and route in ("auto", previous.route)):
             # a scalar δ changed: the core rescales, K_V' = K_V·δ/δ' (no new Gram / P×P product)
             gram = previous.op.gram * (float(previous.delta[0]) / float(self.delta[0]))
