@@ -74,11 +74,13 @@ class OuterProductFactor(LowRankFactor):
         k = X.shape[1]
         V = X.T.reshape(k, self.d_out, self.d_in)
         if self.T == 1:
-            VA = torch.matmul(V, self.a[:, 0, :].T)  # (k, o, N): one GEMM with k folded into rows
             if self.R == 1:
+                VA = torch.matmul(V, self.a[:, 0, :].T)  # (k, o, N): one GEMM, k folded into rows
                 return (VA * self.e[:, 0, :].T).sum(1).T.contiguous()
+            # R > 1: one GEMM over (k·o) rows, then one batched GEMM over inputs n
+            VA = (self.a[:, 0, :] @ V.reshape(k * self.d_out, self.d_in).T).view(self.N, k, self.d_out)
             e = self.e[:, 0, :].reshape(self.N, self.R, self.d_out)
-            u = torch.einsum("nro,kon->nrk", e, VA)
+            return torch.bmm(e, VA.transpose(1, 2)).reshape(self.rank, k)
         else:
             VA = torch.einsum("ntd,kod->ntok", self.a, V)  # (N, T, o, k)
             e = self.e.reshape(self.N, self.R, self.T, self.d_out)
@@ -88,6 +90,10 @@ class OuterProductFactor(LowRankFactor):
     def matmat(self, W: Tensor) -> Tensor:
         k = W.shape[1]
         Wr = W.reshape(self.N, self.R, k)
+        if self.T == 1:  # (Σ_r W_{nrk} e_{nr}) by a batched GEMM, then one GEMM with a
+            Ew = torch.bmm(Wr.transpose(1, 2), self.e[:, 0, :].reshape(self.N, self.R, self.d_out))
+            out = Ew.reshape(self.N, k * self.d_out).T @ self.a[:, 0, :]  # (k·o, d)
+            return out.reshape(k, self.size).T
         e = self.e.reshape(self.N, self.R, self.T, self.d_out)
         Ew = torch.einsum("nrk,nrto->knto", Wr, e).reshape(k, self.N * self.T, self.d_out)
         A = self.a.reshape(self.N * self.T, self.d_in)
