@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from curvkit.linalg.operator import check_memory
-from curvkit.linalg.outer import OuterProductFactor
+from curvkit.linalg.outer import OuterProductFactor, colmajor
 from curvkit.linalg.woodbury import DenseFactor, LowRankFactor, StackedFactor
 
 #: Peak bytes of one chunk of ``(P, k)`` intermediates (samples, columns).
@@ -78,34 +78,9 @@ def reduce_softmax_errors(e: Tensor, p: Tensor) -> Tensor:
     return out.reshape(N * (C - 1), *e.shape[1:])
 
 
-class GemmOuterFactor(OuterProductFactor):
-    """:class:`~curvkit.linalg.OuterProductFactor` whose dense-layer (``T = 1``) products are two
-    plain GEMMs plus one batched GEMM over inputs, laid out for speed (same math)::
-
-        (Uᵀ X)_{n r k} = Σ_o e_{n r o} (Σ_d a_{n d} V_{k o d})     V = mat_r(X_{:, k})
-        (U W)_k        = Σ_n (Σ_r W_{n r k} e_{n r ·}) a_{n ·}ᵀ
-
-    ``X`` should be column-major (see :func:`colmajor`); results are column-major ``(P, k)``.
-    """
-
-    def rmatmat(self, X: Tensor) -> Tensor:
-        if self.T != 1:
-            return super().rmatmat(X)
-        k = X.shape[1]
-        Vf = colmajor(X).T.reshape(k * self.d_out, self.d_in)
-        VA = (self.a[:, 0, :] @ Vf.T).view(self.N, k, self.d_out)  # (n, k, o)
-        e = self.e[:, 0, :].reshape(self.N, self.R, self.d_out)
-        return torch.bmm(e, VA.transpose(1, 2)).reshape(self.rank, k)
-
-    def matmat(self, W: Tensor) -> Tensor:
-        if self.T != 1:
-            return super().matmat(W)
-        k = W.shape[1]
-        Wr = W.reshape(self.N, self.R, k)
-        e = self.e[:, 0, :].reshape(self.N, self.R, self.d_out)
-        Ew = torch.bmm(Wr.transpose(1, 2), e)  # (n, k, o)
-        out = Ew.reshape(self.N, k * self.d_out).T @ self.a[:, 0, :]  # (k·o, d)
-        return out.reshape(k, self.size).T
+#: Kept for the callers that named it: :class:`OuterProductFactor` itself now computes dense-layer
+#: (``T = 1``) products as one GEMM plus one batched GEMM over inputs.
+GemmOuterFactor = OuterProductFactor
 
 
 class ScaledFactor(LowRankFactor):
@@ -146,15 +121,6 @@ def to_float64(factor: LowRankFactor) -> LowRankFactor:
 
 def _blocks(factor: LowRankFactor) -> list[LowRankFactor]:
     return list(factor.blocks) if isinstance(factor, StackedFactor) else [factor]
-
-
-def colmajor(X: Tensor) -> Tensor:
-    """``X`` (``P × k``) with column-major storage (a transposed view of a contiguous ``k × P``).
-
-    Layer factors reshape ``Xᵀ`` into ``(k, d_out, d_in)`` matrices; with this layout that is a
-    view and the batched GEMM runs at full speed.
-    """
-    return X if X.dim() != 2 or X.stride(0) == 1 else X.T.contiguous().T
 
 
 def gram64(factor: LowRankFactor) -> Tensor:

@@ -33,6 +33,15 @@ from curvkit.linalg.woodbury import LowRankFactor
 CHUNK_BYTES = 2**28
 
 
+def colmajor(X: Tensor) -> Tensor:
+    """``X`` (``P × k``) with column-major storage (a transposed view of a contiguous ``k × P``).
+
+    Layer factors reshape ``Xᵀ`` into ``(k, d_out, d_in)`` matrices; with this layout that is a
+    view and the batched GEMM runs at full speed.
+    """
+    return X if X.dim() != 2 or X.stride(0) == 1 else X.T.contiguous().T
+
+
 class OuterProductFactor(LowRankFactor):
     """Layer factor ``U`` from inputs ``a (N, T, d_in)`` and errors ``e (N·R, T, d_out)``.
 
@@ -72,20 +81,18 @@ class OuterProductFactor(LowRankFactor):
     # ------------------------------------------------------------------ products
     def rmatmat(self, X: Tensor) -> Tensor:
         k = X.shape[1]
-        V = X.T.reshape(k, self.d_out, self.d_in)
-        if self.T == 1:
-            if self.R == 1:
-                VA = torch.matmul(V, self.a[:, 0, :].T)  # (k, o, N): one GEMM, k folded into rows
-                return (VA * self.e[:, 0, :].T).sum(1).T.contiguous()
-            # R > 1: one GEMM over (k·o) rows, then one batched GEMM over inputs n
-            VA = (self.a[:, 0, :] @ V.reshape(k * self.d_out, self.d_in).T).view(self.N, k, self.d_out)
+        if self.T == 1 and self.R == 1:  # one GEMM with k folded into rows, then a row sum
+            VA = torch.matmul(X.T.reshape(k, self.d_out, self.d_in), self.a[:, 0, :].T)  # (k, o, N)
+            return (VA * self.e[:, 0, :].T).sum(1).T.contiguous()
+        if self.T == 1:  # one GEMM over (k·o) rows, then one batched GEMM over inputs n
+            V = colmajor(X).T.reshape(k * self.d_out, self.d_in)
+            VA = (self.a[:, 0, :] @ V.T).view(self.N, k, self.d_out)
             e = self.e[:, 0, :].reshape(self.N, self.R, self.d_out)
             return torch.bmm(e, VA.transpose(1, 2)).reshape(self.rank, k)
-        else:
-            VA = torch.einsum("ntd,kod->ntok", self.a, V)  # (N, T, o, k)
-            e = self.e.reshape(self.N, self.R, self.T, self.d_out)
-            u = torch.einsum("nrto,ntok->nrk", e, VA)
-        return u.reshape(self.rank, k)
+        V = X.T.reshape(k, self.d_out, self.d_in)
+        VA = torch.einsum("ntd,kod->ntok", self.a, V)  # (N, T, o, k)
+        e = self.e.reshape(self.N, self.R, self.T, self.d_out)
+        return torch.einsum("nrto,ntok->nrk", e, VA).reshape(self.rank, k)
 
     def matmat(self, W: Tensor) -> Tensor:
         k = W.shape[1]
