@@ -62,6 +62,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             # FOOF gets the DDP wrapper, KFAC the wrapped module: both work
             train(name, model, ddp, ddp if name == "foof" else model, rank)
             torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"{name}_{rank}.pt"))
+            del ddp  # release the reducer (and its gloo work) before the group goes away
+        dist.barrier()  # no rank tears gloo down while the other still communicates
     finally:
         dist.destroy_process_group()
 
