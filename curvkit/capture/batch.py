@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.capture.hooks import layer_errors, record
+from curvkit.capture.inputs import OutputFn, batch_size, forward
 from curvkit.capture.layers import LayerAdapter
 from curvkit.capture.targets import output_seeds
 
@@ -59,7 +60,7 @@ def _warn_train_mode(model: nn.Module) -> None:
 
 def capture(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     layers: Sequence[LayerAdapter],
     targets: Tensor | None = None,
     *,
@@ -67,21 +68,19 @@ def capture(
     kind: str = "exact",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    output_fn: OutputFn | None = None,
 ) -> Captured:
     """Run one forward pass and ``R`` vector-Jacobian products from the outputs.
 
     ``R`` is ``C`` (exact), ``mc_samples`` (mc) or 1 (empirical); see
-    :mod:`curvkit.capture.targets` for the seeds and their scaling.
+    :mod:`curvkit.capture.targets` for the seeds and their scaling. ``inputs`` is a tensor, a
+    tuple or a dict and the output a tensor or an object with ``.logits`` (see
+    :mod:`curvkit.capture.inputs`; ``output_fn`` maps other outputs to the logits).
     """
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a Tensor, got {type(inputs).__name__}")
-    if inputs.shape[0] == 0:
-        raise ValueError("the batch is empty (inputs.shape[0] == 0)")
+    batch_size(inputs)  # type and emptiness checks
     _warn_train_mode(model)
     with torch.enable_grad(), record(layers, keep_outputs=True) as rec:
-        outputs = model(inputs)
-        if not isinstance(outputs, Tensor):
-            raise TypeError(f"the model must return a Tensor, got {type(outputs).__name__}")
+        outputs = forward(model, inputs, output_fn)
         rec.check_complete(layers)
         seeds, sampled = output_seeds(outputs, targets, likelihood, kind, mc_samples, generator)
         errors = layer_errors(outputs, rec, layers, seeds.to(outputs.dtype))

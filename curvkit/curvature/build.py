@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,9 +20,13 @@ from curvkit.capture import (
     LIKELIHOODS,
     Captured,
     LayerAdapter,
+    batch_size,
     capture,
+    check_model,
     find_layers,
+    input_tensors,
 )
+from curvkit.capture.inputs import LABEL_KEY, OutputFn
 from curvkit.capture.targets import check_choice
 from curvkit.curvature.base import Curvature
 from curvkit.linalg import LinearOperator
@@ -58,10 +63,14 @@ def structures() -> tuple[str, ...]:
 
 @dataclass
 class BuildContext:
-    """Everything a structure builder may need; ``captured`` runs the capture lazily."""
+    """Everything a structure builder may need; ``captured`` runs the capture lazily.
+
+    ``inputs`` are the model inputs of one batch (a tensor, tuple or dict, see
+    :mod:`curvkit.capture.inputs`); ``output_fn`` maps the model output to the logits.
+    """
 
     model: nn.Module
-    inputs: Tensor
+    inputs: Any
     targets: Tensor | None
     likelihood: str
     kind: str
@@ -70,17 +79,19 @@ class BuildContext:
     params: list[nn.Parameter]
     layers: list[LayerAdapter]
     extra: dict = field(default_factory=dict)
+    output_fn: OutputFn | None = None
 
     @cached_property
     def captured(self) -> Captured:
         return capture(
             self.model, self.inputs, self.layers, self.targets, likelihood=self.likelihood,
             kind=self.kind, mc_samples=self.mc_samples, generator=self.generator,
+            output_fn=self.output_fn,
         )
 
     @property
     def num_data(self) -> int:
-        return int(self.inputs.shape[0])
+        return batch_size(self.inputs)
 
 
 def layer_index(params: Sequence[nn.Parameter], layers: Sequence[LayerAdapter]) -> Tensor | None:
@@ -119,9 +130,18 @@ def resolve_params(model: nn.Module, params) -> list[nn.Parameter]:
     return params
 
 
+def check_inputs(inputs: Any, params: Sequence[nn.Parameter]) -> None:
+    """Every input tensor on the parameters' device; floating ones in their dtype."""
+    for x in input_tensors(inputs):
+        if x.device != params[0].device:
+            raise ValueError(f"inputs are on {x.device} but the parameters on {params[0].device}")
+        if x.is_floating_point() and x.dtype != params[0].dtype:
+            raise TypeError(f"inputs have dtype {x.dtype} but the parameters {params[0].dtype}")
+
+
 def fisher(
     model: nn.Module,
-    inputs: Tensor,
+    batch: Any,
     targets: Tensor | None = None,
     *,
     likelihood: str = "classification",
@@ -130,11 +150,17 @@ def fisher(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     params: Sequence[nn.Parameter] | None = None,
+    output_fn: OutputFn | None = None,
+    label_key: str = LABEL_KEY,
+    progress: bool | None = None,
+    subsample: int | None = None,
+    subsample_generator: torch.Generator | None = None,
+    column_budget_gb: float | None = None,
     **options,
 ) -> Curvature:
-    """Fisher information of ``model`` on the batch ``inputs`` as a :class:`Curvature`.
+    """Fisher information of ``model`` on ``batch`` (one batch or an iterable of batches).
 
-    With ``g = ∇θ(−log p(y|xₙ, θ))`` and ``N = len(inputs)``:
+    With ``g = ∇θ(−log p(y|xₙ, θ))`` and ``N`` the number of data (all batches together):
 
     * ``kind="exact"``: ``F = (1/N) Σₙ E_{y∼p(·|xₙ)}[g gᵀ]`` (all labels weighted by the model's
       probabilities, through the loss-Hessian square root; one forward, ``C`` backward seeds);
@@ -142,11 +168,29 @@ def fisher(
       ``S = mc_samples``, randomness only from ``generator``;
     * ``kind="empirical"``: ``F = (1/N) Σₙ g(yₙ) g(yₙ)ᵀ`` with the data labels ``targets``.
 
+    **Data.** ``batch`` is one batch -- a tensor ``x`` (``model(x)``), a dict (``model(**batch)``,
+    e.g. a Hugging Face ``BatchEncoding``; a ``"labels"`` entry is taken as the targets), or a
+    data-loader tuple ``(inputs, targets)`` -- or an *iterable of batches* (a ``DataLoader``, a
+    generator, a list of such tuples/dicts), each batch of any size. ``N`` is the leading dimension
+    of the first input tensor (rules in :mod:`curvkit.capture.inputs`). The model output is a
+    tensor, an object with ``.logits`` (Hugging Face ``ModelOutput``), or mapped by ``output_fn``.
+
+    **Iterables of batches** give the Fisher of the *union*, ``F = (1/N) Σ`` over all ``N`` data,
+    the same as one batch holding all of them (see :mod:`curvkit.curvature.data`): ``"kfac"``,
+    ``"foof"``, ``"diag"`` accumulate their factors exactly (the KFAC of the union -- ``Â`` and
+    ``B̂`` summed over batches before the Kronecker product, not a sum of per-batch Kronecker
+    products); ``"full"`` / ``"block_diag"`` accumulate ``U Uᵀ`` (primal route, small ``P``) or
+    keep the Woodbury columns of all batches within ``column_budget_gb`` (``MemoryError`` with
+    the GB estimate beyond it; ``subsample=k`` keeps ``k`` data chosen uniformly at random by
+    ``subsample_generator``). With an initialised ``torch.distributed`` process group each rank
+    passes its shard and gets the curvature of the union of all ranks' data.
+
     Args:
-        model: a network of supported layers (``nn.Linear``, ``nn.Conv2d``) and parameter-free
-            modules; its output must be ``(N, C)``.
-        inputs: the batch.
-        targets: data labels (needed for ``"empirical"``).
+        model: an ``nn.Module`` of supported layers (``nn.Linear``, ``nn.Conv2d``) and
+            parameter-free modules; its logits must be ``(N, C)``.
+        batch: one batch or an iterable of batches (see above).
+        targets: data labels of a single batch (needed for ``"empirical"``; with a tuple batch
+            ``(x1, x2)`` and ``targets`` the tuple is passed positionally, ``model(x1, x2)``).
         likelihood: ``"classification"`` (softmax categorical), ``"regression"`` (Gaussian,
             unit variance: ``−log p = ½‖f(x)−y‖²``) or ``"binary"`` (Bernoulli on logits).
         kind: ``"exact"``, ``"mc"`` or ``"empirical"``.
@@ -155,28 +199,43 @@ def fisher(
         mc_samples: ``S`` for ``kind="mc"``.
         generator: the ``torch.Generator`` for MC sampling.
         params: parameters to build curvature for (default: all with ``requires_grad``).
+        output_fn: maps the model output to the logits tensor (default: the tensor itself or
+            its ``.logits``).
+        label_key: the dict key of the labels in dict batches.
+        progress: a tqdm progress bar over the batches (default: on for iterables of batches).
+        subsample: iterables, ``"full"`` / ``"block_diag"``: keep the columns of ``k`` data drawn
+            uniformly without replacement (``F ≈ (1/k) Σ`` over them, unbiased for the union).
+        subsample_generator: the ``torch.Generator`` of ``subsample`` (required with it).
+        column_budget_gb: iterables, ``"full"`` / ``"block_diag"``: the most memory the kept
+            columns and their Gram may take (default: half the available memory).
         **options: structure-specific options (e.g. ``route`` for ``"full"``).
 
     Returns:
         A :class:`Curvature` with ``@``, ``solve(v, damping)``, ``inverse``, ``logdet``,
         ``to_dense`` and ``to_scipy``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; a batch or an output of unsupported type.
+        ValueError: an empty batch, targets with the wrong number of rows, bad options.
+        MemoryError: the kept Woodbury columns of an iterable exceed ``column_budget_gb``.
     """
+    from curvkit.curvature import data as _data  # the union over batches (imports this module)
+
+    check_model(model)
     check_choice(likelihood, LIKELIHOODS, "likelihood")
     check_choice(kind, KINDS, "kind")
     check_choice(structure, structures(), "structure")
     params = resolve_params(model, params)
-    if inputs.device != params[0].device:
-        raise ValueError(f"inputs are on {inputs.device} but the parameters on {params[0].device}")
-    if inputs.is_floating_point() and inputs.dtype != params[0].dtype:
-        raise TypeError(f"inputs have dtype {inputs.dtype} but the parameters {params[0].dtype}")
     layers = find_layers(model, params)
-    ctx = BuildContext(model, inputs, targets, likelihood, kind, mc_samples, generator, params,
-                       layers)
-    op = _STRUCTURES[structure](ctx, **options)
-    captured = ctx.__dict__.get("captured")
+    ctx = BuildContext(model, None, None, likelihood, kind, mc_samples, generator, params,
+                       layers, output_fn=output_fn)
+    op, captured, num_data, info = _data.build(
+        ctx, structure, _STRUCTURES[structure], batch, targets, label_key=label_key,
+        progress=progress, subsample=subsample, subsample_generator=subsample_generator,
+        column_budget_gb=column_budget_gb, options=options)
     return Curvature(
         op, params, layers, layer_index(params, layers),
         kind=None if structure in _LOSS_FREE else kind, likelihood=likelihood,
-        structure=structure, num_data=ctx.num_data, captured=captured,
-        info={"rank": getattr(op, "rank", None)},
+        structure=structure, num_data=num_data, captured=captured,
+        info={"rank": getattr(op, "rank", None), **info},
     )

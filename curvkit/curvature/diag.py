@@ -47,6 +47,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from curvkit.capture import forward
 from curvkit.curvature.build import BuildContext, register_structure
 from curvkit.linalg import Diagonal, OuterProductFactor
 
@@ -110,14 +111,15 @@ def backpack_diagonal(ctx: BuildContext) -> Tensor:
     if ctx.generator is not None:
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator,
                                  device=ctx.generator.device))
-    devices = [ctx.inputs.device] if ctx.inputs.device.type == "cuda" else []
+    device = ctx.params[0].device
+    devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             if seed is not None:
                 torch.manual_seed(seed)
             model = extend(model)
             loss_fn = extend(_LOSSES[ctx.likelihood](reduction="sum"))
-            outputs = model(ctx.inputs)
+            outputs = forward(model, ctx.inputs, ctx.output_fn)
             targets = _backpack_targets(ctx, outputs)
             loss = loss_fn(outputs, targets)
             with backpack(ext), warnings.catch_warnings():

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvkit.capture import LayerAdapter, record
+from curvkit.capture import LayerAdapter, forward, record
 from curvkit.curvature.base import Curvature
 from curvkit.curvature.build import BuildContext, register_structure
 from curvkit.linalg import BlockDiagonal, Kronecker
@@ -187,9 +187,7 @@ def _check_no_options(structure: str, options: dict) -> None:
 def _forward_inputs(ctx: BuildContext) -> list[Tensor]:
     """Layer inputs ``a`` from one forward pass without gradients (FOOF needs nothing else)."""
     with torch.no_grad(), record(ctx.layers, keep_outputs=False) as rec:
-        outputs = ctx.model(ctx.inputs)
-    if not isinstance(outputs, Tensor):
-        raise TypeError(f"the model must return a Tensor, got {type(outputs).__name__}")
+        forward(ctx.model, ctx.inputs, ctx.output_fn)
     rec.check_complete(ctx.layers)
     for layer, a in zip(ctx.layers, rec.inputs):
         if not torch.isfinite(a).all():
