@@ -4,6 +4,7 @@ No ``nn.Module``, no hooks, no data here.
 """
 
 from curvkit.linalg.blockdiag import BlockDiagonal
+from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
 from curvkit.linalg.dense import Dense
 from curvkit.linalg.diagonal import Diagonal
 from curvkit.linalg.kronecker import Kronecker, pi_damping
@@ -19,6 +20,7 @@ from curvkit.linalg.woodbury import DenseFactor, LowRankFactor, StackedFactor, W
 
 __all__ = [
     "LinearOperator", "InverseOperator", "SingularError", "check_memory", "available_memory_bytes",
+    "damped_cholesky", "SPDFactor",
     "Woodbury", "LowRankFactor", "DenseFactor", "StackedFactor", "OuterProductFactor",
     "BlockDiagonal", "Diagonal", "Dense", "Kronecker", "pi_damping",
 ]

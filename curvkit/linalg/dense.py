@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvkit.linalg.operator import LinearOperator, SingularError
+from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
+from curvkit.linalg.operator import LinearOperator
 
 
 class Dense(LinearOperator):
@@ -18,26 +19,21 @@ class Dense(LinearOperator):
             raise FloatingPointError(f"{name or 'Dense'}: the matrix has non-finite entries")
         super().__init__(A.shape[0], A.dtype, A.device, block_shapes, name)
         self.A = A
-        self._chol: dict[float, Tensor] = {}
+        self._chol: dict[float, SPDFactor] = {}
 
-    def _chol_of(self, damping: float) -> Tensor:
+    def _chol_of(self, damping: float) -> SPDFactor:
         if damping not in self._chol:
-            S = self.A.to(torch.float64)
-            S = 0.5 * (S + S.T) + damping * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-            L, info = torch.linalg.cholesky_ex(S)
-            if int(info) != 0:
-                raise SingularError(f"{self.name} + {damping}·I is singular; pass a larger damping")
-            self._chol = {damping: L}
+            self._chol = {damping: damped_cholesky(self.A, damping, name=self.name)}
         return self._chol[damping]
 
     def _matmat(self, X: Tensor) -> Tensor:
         return self.A @ X
 
     def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
-        return torch.cholesky_solve(X.to(torch.float64), self._chol_of(damping)).to(X.dtype)
+        return self._chol_of(damping).solve(X).to(X.dtype)
 
     def _logdet(self, damping: float) -> Tensor:
-        return 2 * self._chol_of(damping).diagonal().log().sum()
+        return self._chol_of(damping).logdet()
 
     def diagonal(self) -> Tensor:
         return self.A.diagonal().clone()

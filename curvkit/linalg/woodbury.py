@@ -18,7 +18,8 @@ import math
 import torch
 from torch import Tensor
 
-from curvkit.linalg.operator import LinearOperator, SingularError, check_memory
+from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
+from curvkit.linalg.operator import LinearOperator, check_memory
 
 
 class LowRankFactor:
@@ -151,7 +152,7 @@ class Woodbury(LinearOperator):
         self.factor, self.route = factor, route
         self._gram: Tensor | None = None
         self._dense: Tensor | None = None
-        self._chol: dict[float, tuple[str, Tensor, Tensor | None]] = {}
+        self._chol: dict[float, SPDFactor] = {}
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -191,35 +192,20 @@ class Woodbury(LinearOperator):
     def _rank_bound(self) -> int:
         return min(self.factor.rank, self.factor.size)
 
-    def _factorize(self, damping: float) -> tuple[str, Tensor, Tensor | None]:
-        """Cholesky (or eigh fallback) of ``λI + K`` (dual) or ``λI + UUᵀ`` (primal), float64."""
+    def _factorize(self, damping: float) -> SPDFactor:
+        """Factorisation of ``λI + K`` (dual) or ``λI + UUᵀ`` (primal), float64 (:func:`damped_cholesky`)."""
         if damping in self._chol:
             return self._chol[damping]
         S = self.gram() if self.route == "dual" else self.dense64()
-        S = S + damping * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-        L, info = torch.linalg.cholesky_ex(S)
-        if int(info) == 0:
-            fac: tuple[str, Tensor, Tensor | None] = ("chol", L, None)
-        else:
-            evals, evecs = torch.linalg.eigh(S)
-            tol = evals.abs().max() * S.shape[0] * torch.finfo(torch.float64).eps
-            if evals.min() <= tol:
-                raise SingularError(
-                    f"{self.name} + {damping}·I is singular (smallest eigenvalue "
-                    f"{evals.min().item():.3g}); pass a larger damping"
-                )
-            fac = ("eigh", evecs, evals)
+        fac = damped_cholesky(S, damping, name=self.name, symmetrize=False)
         if len(self._chol) > 8:
             self._chol.clear()
         self._chol[damping] = fac
         return fac
 
     @staticmethod
-    def _apply_inv(fac: tuple[str, Tensor, Tensor | None], B: Tensor) -> Tensor:
-        kind, X, evals = fac
-        if kind == "chol":
-            return torch.cholesky_solve(B, X)
-        return X @ ((X.T @ B) / evals[:, None])
+    def _apply_inv(fac: SPDFactor, B: Tensor) -> Tensor:
+        return fac.solve(B)
 
     # ------------------------------------------------------------------ contract
     def _prepare(self, damping: float, damping_mode: str) -> None:
@@ -238,8 +224,7 @@ class Woodbury(LinearOperator):
         return out.neg_().add_(X).div_(damping)
 
     def _logdet(self, damping: float) -> Tensor:
-        kind, X, evals = self._factorize(damping)
-        ld = 2 * X.diagonal().log().sum() if kind == "chol" else evals.log().sum()
+        ld = self._factorize(damping).logdet()
         if self.route == "dual":
             ld = ld + (self.factor.size - self.factor.rank) * math.log(damping)
         return ld
