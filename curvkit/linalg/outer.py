@@ -32,6 +32,9 @@ from curvkit.linalg.woodbury import LowRankFactor
 #: Peak bytes per chunk of intermediate tensors in Gram computations.
 CHUNK_BYTES = 2**28
 
+#: Entries of the float64 row-chunk buffer of the float64-accumulated products (2 MB).
+CHUNK64 = 2**18
+
 
 def colmajor(X: Tensor) -> Tensor:
     """``X`` (``P × k``) with column-major storage (a transposed view of a contiguous ``k × P``).
@@ -68,6 +71,7 @@ class OuterProductFactor(LowRankFactor):
         if gram_route == "auto":
             gram_route = self.cheaper_gram_route()
         self.gram_route = gram_route
+        self._f64: OuterProductFactor | None = None
 
     def cheaper_gram_route(self) -> str:
         """Pick the Gram route with fewer flops (``T = 1``: always Hadamard)."""
@@ -162,3 +166,78 @@ class OuterProductFactor(LowRankFactor):
             g = torch.einsum("nrto,ntd->nrod", e[i : i + c], self.a[i : i + c])
             out += (g**2).sum((0, 1))
         return out.reshape(-1)
+
+    # ------------------------------------------------------------------ float64 accumulation
+    # Used by Woodbury solves (see :meth:`curvkit.linalg.Woodbury.solve` for the error analysis):
+    # the products run on float64 copies of ``a`` and ``e`` (small: ``N·T·d_in + M·T·d_out``)
+    # and, for dense layers, on float64 row chunks of ``X`` (``CHUNK64`` entries), so no
+    # ``P``-sized float64 tensor is allocated.
+    def _as64(self) -> OuterProductFactor:
+        """This factor with float64 copies of ``a`` and ``e`` (cached; ``self`` when float64)."""
+        if self.dtype == torch.float64:
+            return self
+        if self._f64 is None:
+            self._f64 = OuterProductFactor(self.a.to(torch.float64), self.e.to(torch.float64),
+                                           self.gram_route)
+        return self._f64
+
+    def columns64(self, start: int, stop: int) -> Tensor:
+        return self._as64().columns(start, stop)
+
+    def gram64(self) -> Tensor:
+        """``K = Uᵀ U`` accumulated in float64 (Hadamard of float64 Grams for dense layers)."""
+        f = self._as64()
+        if f.gram_route == "per_sample" or f.T != 1:
+            return f.gram()
+        a, e = f.a[:, 0, :], f.e[:, 0, :]
+        K = e @ e.T
+        K.view(f.N, f.R, f.N, f.R).mul_((a @ a.T)[:, None, :, None])
+        return K
+
+    def rmatmat64(self, X: Tensor) -> Tensor:
+        """``Uᵀ X`` accumulated in float64; ``X`` ``(P, k)`` of any float dtype -> ``(M, k)`` float64."""
+        f = self._as64()
+        if self.T != 1:
+            return f.rmatmat(X.to(torch.float64))
+        k, o, d = X.shape[1], self.d_out, self.d_in
+        a, e = f.a[:, 0, :], f.e[:, 0, :]
+        V = X.T.reshape(k, o, d)  # (k, o, d): V_k = mat_r(X[:, k]), a view for k = 1
+        rows = max(1, CHUNK64 // (k * d))
+        buf = torch.empty(k, min(rows, o), d, dtype=torch.float64, device=self.device)
+        if self.R == 1:  # u_n = Σ_d (E V)_{nd} a_{nd}: E V accumulated over row chunks of V
+            EV = torch.zeros(k, self.rank, d, dtype=torch.float64, device=self.device)
+            for i in range(0, o, rows):
+                n = min(rows, o - i)
+                EV.baddbmm_(e[:, i:i + n].expand(k, -1, -1), buf[:, :n].copy_(V[:, i:i + n]))
+            return torch.einsum("knd,nd->nk", EV, a)
+        out = torch.zeros(self.N, self.R, k, dtype=torch.float64, device=self.device)
+        e = e.reshape(self.N, self.R, o)
+        for i in range(0, o, rows):  # u_{nr} = e_{nr}ᵀ (V a_n), V a_n over row chunks of V
+            n = min(rows, o - i)
+            VA = torch.matmul(buf[:, :n].copy_(V[:, i:i + n]), a.T)  # (k, n, N)
+            out += torch.einsum("nro,kon->nrk", e[:, :, i:i + n], VA)
+        return out.reshape(self.rank, k)
+
+    def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+        """``scale · (X − U W)`` accumulated in float64, rounded once to ``X.dtype`` (into ``out``)."""
+        f = self._as64()
+        W = W.to(torch.float64)
+        if out is None:
+            out = torch.empty_like(X)
+        if self.T != 1:
+            Y = X.to(torch.float64, copy=True)
+            Y -= f.matmat(W)
+            return out.copy_(Y.mul_(scale))
+        k, o, d = X.shape[1], self.d_out, self.d_in
+        a, e = f.a[:, 0, :], f.e[:, 0, :].reshape(self.N, self.R, o)
+        Ew = torch.einsum("nrk,nro->kon", W.reshape(self.N, self.R, k), e)  # (k, o, N)
+        Xv, Ov = X.T.reshape(k, o, d), out.T.reshape(k, o, d)  # views (split of one dimension)
+        rows = max(1, CHUNK64 // d)
+        buf = torch.empty(min(rows, o), d, dtype=torch.float64, device=self.device)
+        for j in range(k):
+            for i in range(0, o, rows):
+                n = min(rows, o - i)
+                Yi = buf[:n].copy_(Xv[j, i:i + n])
+                Yi.addmm_(Ew[j, i:i + n], a, beta=scale, alpha=-scale)  # scale·(X − Σ_n ẽ_n a_nᵀ)
+                Ov[j, i:i + n].copy_(Yi)
+        return out
