@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import curvkit
-from curvkit.capture import UnsupportedLayerError, WeightSharingError, capture, find_layers
+from curvkit.capture import UnsupportedLayerError, capture, find_layers
 from curvkit.linalg import SingularError
 from tests.cases import mlp
 
@@ -65,11 +65,14 @@ def test_grouped_conv_rejected():
         curvkit.fisher(model, torch.randn(2, 2, 3, 3, dtype=torch.float64))
 
 
-def test_weight_sharing_rejected():
+def test_weight_sharing_is_summed_over_uses():
+    # issue 10: a layer called twice is supported (uses = extra locations); was an error
+    from curvkit.testing.dense import dense_fisher
     lin = nn.Linear(3, 3)
     model = nn.Sequential(lin, nn.Tanh(), lin).double()
-    with pytest.raises(WeightSharingError, match="called 2 times in one forward pass"):
-        curvkit.fisher(model, torch.randn(4, 3, dtype=torch.float64))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    F = curvkit.fisher(model, x)
+    torch.testing.assert_close(F.to_dense(), dense_fisher(model, x), rtol=1e-10, atol=1e-12)
     assert _n_hooks(model) == 0
 
 

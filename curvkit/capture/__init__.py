@@ -4,8 +4,17 @@ One forward (and the needed backward passes) on a batch stores, per supported la
 inputs ``a`` and back-propagated errors ``e`` -- never per-sample gradients of size P×N.
 """
 
-from curvkit.capture.batch import Captured, capture
-from curvkit.capture.hooks import Recorder, Records, WeightSharingError, layer_errors, record
+from curvkit.capture.batch import Captured, capture, capture_inputs
+from curvkit.capture.eager import eager_module
+from curvkit.capture.guard import CaptureMismatchError, CheckSchedule, verify_capture
+from curvkit.capture.hooks import (
+    CheckpointError,
+    Recorder,
+    Records,
+    WeightSharingError,
+    layer_errors,
+    record,
+)
 from curvkit.capture.inputs import (
     LABEL_KEY,
     Batch,
@@ -19,8 +28,10 @@ from curvkit.capture.inputs import (
 )
 from curvkit.capture.layers import (
     SUPPORTED_LAYERS,
+    BatchLayoutError,
     LayerAdapter,
     UnsupportedLayerError,
+    check_fast_rule,
     find_layers,
 )
 from curvkit.capture.targets import (
@@ -33,8 +44,11 @@ from curvkit.capture.targets import (
 )
 
 __all__ = [
-    "capture", "Captured", "record", "Records", "Recorder", "layer_errors", "WeightSharingError",
-    "LayerAdapter", "find_layers", "SUPPORTED_LAYERS", "UnsupportedLayerError",
+    "capture", "capture_inputs", "Captured", "record", "Records", "Recorder", "layer_errors",
+    "WeightSharingError", "CheckpointError", "eager_module",
+    "CaptureMismatchError", "CheckSchedule", "verify_capture",
+    "LayerAdapter", "find_layers", "SUPPORTED_LAYERS", "UnsupportedLayerError", "BatchLayoutError",
+    "check_fast_rule",
     "Batch", "LABEL_KEY", "parse_batch", "batch_size", "forward", "as_logits", "check_model",
     "input_tensors", "slice_inputs",
     "KINDS", "LIKELIHOODS", "output_seeds", "sample_targets", "loss_gradient", "exact_factor",

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from curvkit.capture.guard import verify_capture
 from curvkit.capture.hooks import layer_errors, record
-from curvkit.capture.inputs import OutputFn, batch_size, forward
+from curvkit.capture.inputs import OutputFn, batch_size, forward, input_tensors
 from curvkit.capture.layers import LayerAdapter
 from curvkit.capture.targets import output_seeds
 
@@ -28,6 +30,7 @@ class Captured:
         outputs: the model outputs ``(N, C)`` (detached).
         sampled: MC labels ``(S, N[, C])`` for ``kind="mc"``, else ``None``.
         kind, likelihood: what was captured.
+        check: the guard's relative error per layer (``None`` when not checked).
     """
 
     layers: list[LayerAdapter]
@@ -37,6 +40,7 @@ class Captured:
     sampled: Tensor | None
     kind: str
     likelihood: str
+    check: dict[str, float] | None = None
 
     @property
     def num_data(self) -> int:
@@ -58,6 +62,52 @@ def _warn_train_mode(model: nn.Module) -> None:
         )
 
 
+def batch_coupled(model: nn.Module) -> bool:
+    """Whether a forward couples the samples of a batch (a BatchNorm in train mode)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               for m in model.modules())
+
+
+def check_grad_mode(inputs):
+    """Refuse ``torch.inference_mode()``; return ``inputs`` usable in an autograd graph
+    (inference tensors are copied: they cannot be saved for backward).
+
+    Raises:
+        RuntimeError: called inside ``torch.inference_mode()``.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "curvkit cannot capture curvature inside torch.inference_mode(): it needs autograd "
+            "(a forward graph and backward passes). Call it outside the inference_mode block "
+            "(torch.no_grad() around it is fine)."
+        )
+    def usable(x):
+        return x.clone() if isinstance(x, Tensor) and x.is_inference() else x
+
+    if not any(x.is_inference() for x in input_tensors(inputs)):
+        return inputs
+    if isinstance(inputs, Mapping):
+        return {k: usable(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(usable(v) for v in inputs)
+    return usable(inputs)
+
+
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer a forward changes (train-mode BatchNorm running statistics and
+    ``num_batches_tracked``): capturing curvature leaves the model as it was."""
+    saved = [(b, b._version, b.clone()) for m in model.modules() if m.training
+             for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, version, copy in saved:
+                if b._version != version or not torch.equal(b, copy):
+                    b.copy_(copy)
+
+
 def capture(
     model: nn.Module,
     inputs,
@@ -69,23 +119,66 @@ def capture(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,
+    check: bool = True,
 ) -> Captured:
     """Run one forward pass and ``R`` vector-Jacobian products from the outputs.
 
     ``R`` is ``C`` (exact), ``mc_samples`` (mc) or 1 (empirical); see
     :mod:`curvkit.capture.targets` for the seeds and their scaling. ``inputs`` is a tensor, a
     tuple or a dict and the output a tensor or an object with ``.logits`` (see
-    :mod:`curvkit.capture.inputs`; ``output_fn`` maps other outputs to the logits).
+    :mod:`curvkit.capture.inputs`; ``output_fn`` maps other outputs to the logits). The model's
+    buffers are left unchanged.
+
+    Args:
+        check: verify the captured factors against autograd on the same batch (one extra
+            backward, :func:`~curvkit.capture.guard.verify_capture`).
+
+    Raises:
+        CaptureMismatchError: ``check`` found a layer whose capture does not match autograd.
+        RuntimeError: inside ``torch.inference_mode()``, or a tracked layer was not called.
     """
-    batch_size(inputs)  # type and emptiness checks
+    N = batch_size(inputs)  # type and emptiness checks
+    inputs = check_grad_mode(inputs)
     _warn_train_mode(model)
-    with torch.enable_grad(), record(layers, keep_outputs=True) as rec:
+    with torch.enable_grad(), buffers_kept(model), \
+            record(layers, keep_outputs=True, batch_size=N) as rec:
         outputs = forward(model, inputs, output_fn)
         rec.check_complete(layers)
         seeds, sampled = output_seeds(outputs, targets, likelihood, kind, mc_samples, generator)
-        errors = layer_errors(outputs, rec, layers, seeds.to(outputs.dtype))
-    a = [x for x in rec.inputs]
-    for layer, ai, ei in zip(layers, a, errors):
-        if not (torch.isfinite(ai).all() and torch.isfinite(ei).all()):
-            raise FloatingPointError(f"non-finite inputs or errors at layer {layer.describe()}")
-    return Captured(list(layers), a, errors, outputs.detach(), sampled, kind, likelihood)
+        seeds = seeds.to(outputs.dtype)
+        errors = layer_errors(outputs, rec, layers, seeds)
+        a = [x for x in rec.inputs]
+        for layer, ai, ei in zip(layers, a, errors):
+            if not (torch.isfinite(ai).all() and torch.isfinite(ei).all()):
+                raise FloatingPointError(f"non-finite inputs or errors at layer {layer.describe()}")
+        report = verify_capture(layers, a, errors, outputs, seeds, retain_graph=False,
+                                per_sample=not batch_coupled(model)) if check else None
+    return Captured(list(layers), a, errors, outputs.detach(), sampled, kind, likelihood, report)
+
+
+def capture_inputs(model: nn.Module, inputs, layers: Sequence[LayerAdapter], *,
+                   check: bool = True, output_fn: OutputFn | None = None) -> list[Tensor]:
+    """Layer inputs ``a`` from one forward pass (all FOOF's ``I ⊗ Â`` needs).
+
+    Without ``check`` the forward runs under ``torch.no_grad()``; with it, it runs with autograd
+    and the capture guard back-propagates one random seed per input to verify the layer rules
+    (two extra backwards). Buffers are left unchanged.
+    """
+    N = batch_size(inputs)
+    inputs = check_grad_mode(inputs)
+    with torch.set_grad_enabled(check), buffers_kept(model), \
+            record(layers, keep_outputs=check, batch_size=N) as rec:
+        outputs = forward(model, inputs, output_fn)
+        rec.check_complete(layers)
+        for layer, a in zip(layers, rec.inputs):
+            if not torch.isfinite(a).all():
+                raise FloatingPointError(f"non-finite inputs at layer {layer.describe()}")
+        if check:
+            gen = torch.Generator(device=outputs.device).manual_seed(0)
+            flat = outputs.reshape(outputs.shape[0], -1)
+            seeds = torch.randn(flat.shape[0], 1, flat.shape[1], generator=gen,
+                                device=flat.device, dtype=flat.dtype)
+            errors = layer_errors(flat, rec, layers, seeds)
+            verify_capture(layers, rec.inputs, errors, flat, seeds, retain_graph=False,
+                           per_sample=not batch_coupled(model))
+    return list(rec.inputs)

@@ -1,9 +1,23 @@
 """Forward hooks that record layer inputs and outputs: the only place curvkit registers hooks.
 
 :func:`record` is a context manager: inside it, each forward call of a tracked layer stores its
-input (detached) and its output tensor (attached, so back-propagated errors ``∂ℓ/∂s`` can be taken
-with ``torch.autograd.grad`` w.r.t. it without touching ``.grad`` of any parameter). The handles
-are removed in ``finally``, also when the forward raises.
+input (detached, as ``a``) and its output tensor (attached, so back-propagated errors ``∂ℓ/∂s``
+can be taken with ``torch.autograd.grad`` w.r.t. it without touching ``.grad`` of any
+parameter). The handles are removed in ``finally``, also when the forward raises.
+
+Three things make the recorded tensors mean what they say:
+
+* **In-place operations after a layer** (``ReLU(inplace=True)`` and friends) would overwrite the
+  recorded output tensor and re-point its autograd history, so ``autograd.grad`` w.r.t. it would
+  return the gradient w.r.t. the *activation*. While outputs are kept, the hook therefore hands
+  the rest of the model a copy (``output.clone()``) and keeps the untouched original: errors are
+  ``∂f/∂s`` of the layer's own output. (One copy of each tracked layer's output per forward.)
+* **Several calls of a layer in one forward** (weight sharing, or modules tied to one weight, see
+  :func:`~curvkit.capture.layers.find_layers`) are *uses*: their inputs and outputs are
+  concatenated along the location axis ``t``, so ``Σ_t e_{mt} a_{nt}ᵀ`` is the per-sample
+  gradient summed over the uses.
+* **Recomputation is not a use**: forwards run by autograd during a backward pass (activation
+  checkpointing recomputes segments there) are ignored.
 
 :class:`Recorder` is the persistent variant used by optimizers: hooks stay registered until
 :meth:`Recorder.remove` (or garbage collection) and can be switched on and off.
@@ -23,62 +37,133 @@ from curvkit.capture.layers import LayerAdapter
 
 
 class WeightSharingError(RuntimeError):
-    """A tracked layer was called more than once in one forward pass."""
+    """A tracked layer was used in a way its captured uses cannot represent."""
+
+
+class CheckpointError(RuntimeError):
+    """A tracked layer ran outside the autograd graph of the capture."""
+
+
+def in_backward() -> bool:
+    """Whether the caller runs inside an autograd backward pass (e.g. checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 @dataclass
 class Records:
-    """What one forward pass left behind, per tracked layer (same order as the layers)."""
+    """What one forward pass left behind, per tracked layer (same order as the layers).
+
+    Attributes:
+        inputs: per layer ``a`` of shape ``(N, T, d_in)``; with several uses their locations are
+            concatenated (``T = T_1 + T_2 + …``).
+        outputs: per layer the (attached) output tensor of each use, or ``None``.
+        calls: per layer the number of uses recorded.
+        batch_size: ``N`` of the batch, used to find the batch dimension of layer inputs
+            (``None``: dimension 0).
+    """
 
     inputs: list[Tensor | None] = field(default_factory=list)
-    outputs: list[Tensor | None] = field(default_factory=list)
+    outputs: list[tuple[Tensor, ...] | None] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
+    batch_size: int | None = None
+    _watch: list[list[tuple[Tensor, int]]] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n: int, batch_size: int | None = None) -> Records:
+        return cls([None] * n, [None] * n, [0] * n, batch_size, [[] for _ in range(n)])
 
     def check_complete(self, layers: Sequence[LayerAdapter]) -> None:
+        """Raise if a layer was not called, or if its recorded input was modified in place."""
         for layer, n in zip(layers, self.calls):
             if n == 0:
                 raise RuntimeError(
                     f"Layer {layer.describe()} holds selected parameters but was not called in "
                     "the forward pass; exclude its parameters with params=[...]"
                 )
+        for layer, watched in zip(layers, self._watch):
+            for x, version in watched:
+                if x._version != version:
+                    raise RuntimeError(
+                        f"The input of layer {layer.describe()} was modified in place after the "
+                        "layer ran, so the recorded input is not the one the layer used. Avoid "
+                        "in-place operations on tensors that feed a Linear/Conv2d layer (e.g. "
+                        "use x = x * 2 instead of x.mul_(2))."
+                    )
+
+
+def _add_use(records: Records, i: int, layer: LayerAdapter, module: nn.Module, args: tuple,
+             output: Tensor, keep_output: bool) -> Tensor | None:
+    """Record one use of layer ``i``; returns the tensor the model continues with (or ``None``)."""
+    if not isinstance(output, Tensor):
+        raise TypeError(f"Layer {layer.describe()} returned {type(output).__name__}")
+    x = args[0]
+    a = layer.inputs(x, module=module, batch_size=records.batch_size)
+    if a.data_ptr() == x.data_ptr():  # a view of the input: it must stay unchanged
+        records._watch[i].append((x, x._version))
+    prev = records.inputs[i]
+    records.inputs[i] = a if prev is None else _cat_uses(layer, prev, a)
+    records.calls[i] += 1
+    if not keep_output:
+        return None
+    records.outputs[i] = (records.outputs[i] or ()) + (output,)
+    # the model continues with a copy: in-place ops downstream must not touch the recorded output
+    return output.clone()
+
+
+def _cat_uses(layer: LayerAdapter, prev: Tensor, new: Tensor) -> Tensor:
+    if prev.shape[0] != new.shape[0]:
+        raise WeightSharingError(
+            f"Layer {layer.describe()} was used twice in one forward pass with different batch "
+            f"sizes ({prev.shape[0]} and {new.shape[0]}); curvkit treats each use as extra "
+            "locations of the same samples. Use a separate module per call or freeze its "
+            "parameters."
+        )
+    return torch.cat([prev, new], dim=1)
 
 
 def _make_hook(records: Records, i: int, layer: LayerAdapter, keep_output: bool):
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-        records.calls[i] += 1
-        if records.calls[i] > 1:
-            raise WeightSharingError(
-                f"Layer {layer.describe()} was called {records.calls[i]} times in one forward "
-                "pass (weight sharing); curvkit captures each layer once per forward. Use a "
-                "separate module per call, or freeze its parameters."
+    def hook(module: nn.Module, args: tuple, output: Tensor):
+        if in_backward():  # checkpoint recomputation: not a use
+            return None
+        if keep_output and not torch.is_grad_enabled():
+            raise CheckpointError(
+                f"Layer {layer.describe()} ran with gradients disabled inside the model's forward "
+                "(torch.no_grad() in the model, or torch.utils.checkpoint with "
+                "use_reentrant=True), so its errors cannot be taken. Use "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or freeze the "
+                "layer's parameters."
             )
-        if not isinstance(output, Tensor):
-            raise TypeError(f"Layer {layer.describe()} returned {type(output).__name__}")
-        records.inputs[i] = layer.inputs(args[0])
-        records.outputs[i] = output if keep_output else None
+        return _add_use(records, i, layer, module, args, output, keep_output)
 
     return hook
 
 
+def register(layers: Sequence[LayerAdapter], make_hook) -> list:
+    """Register ``make_hook(i, layer)`` as forward hook on every module of every layer."""
+    handles = []
+    for i, layer in enumerate(layers):
+        for module in layer.modules:
+            handles.append(module.register_forward_hook(make_hook(i, layer)))
+    return handles
+
+
 @contextmanager
-def record(layers: Sequence[LayerAdapter], keep_outputs: bool = True) -> Iterator[Records]:
+def record(layers: Sequence[LayerAdapter], keep_outputs: bool = True,
+           batch_size: int | None = None) -> Iterator[Records]:
     """Record inputs (as ``a``, see :class:`LayerAdapter`) and outputs of ``layers``.
 
     Args:
         layers: the tracked layers.
         keep_outputs: keep the (attached) output tensors for ``autograd.grad``.
+        batch_size: ``N``, to find the batch dimension of each layer input (default: dim 0).
 
     Yields:
         A :class:`Records` filled during the forward passes made inside the ``with`` block.
     """
-    n = len(layers)
-    records = Records([None] * n, [None] * n, [0] * n)
+    records = Records.empty(len(layers), batch_size)
     handles = []
     try:
-        for i, layer in enumerate(layers):
-            handles.append(
-                layer.module.register_forward_hook(_make_hook(records, i, layer, keep_outputs))
-            )
+        handles = register(layers, lambda i, layer: _make_hook(records, i, layer, keep_outputs))
         yield records
     finally:
         for h in handles:
@@ -97,21 +182,23 @@ def layer_errors(
         seeds: ``(N, R, C)``; seed ``r`` of input ``n`` is back-propagated on its own.
 
     Returns:
-        Per layer ``e`` of shape ``(N·R, T, d_out)`` ordered input-major (``m = n·R + r``).
+        Per layer ``e`` of shape ``(N·R, T, d_out)`` ordered input-major (``m = n·R + r``); the
+        uses of a layer are concatenated along ``T`` in call order, like its inputs.
     """
     N, R = seeds.shape[:2]
-    targets = [o for o in records.outputs]
+    uses = [(li, o) for li, outs in enumerate(records.outputs) for o in (outs or ())]
+    targets = [o for _, o in uses]
     per_seed: list[list[Tensor]] = []
     for r in range(R):
         grads = torch.autograd.grad(
             outputs, targets, grad_outputs=seeds[:, r], retain_graph=True, allow_unused=True
         )
-        per_seed.append(
-            [
-                layer.errors(g) if g is not None else layer.errors(torch.zeros_like(o))
-                for layer, g, o in zip(layers, grads, targets)
-            ]
-        )
+        per_layer: list[list[Tensor]] = [[] for _ in layers]
+        for (li, o), g in zip(uses, grads):
+            layer = layers[li]
+            per_layer[li].append(layer.errors(g if g is not None else torch.zeros_like(o),
+                                              batch_size=N))
+        per_seed.append([torch.cat(es, dim=1) if len(es) > 1 else es[0] for es in per_layer])
     errs = []
     for li in range(len(layers)):
         e = torch.stack([per_seed[r][li] for r in range(R)], dim=1)  # (N, R, T, d_out)
@@ -125,26 +212,31 @@ class Recorder:
     Args:
         layers: the tracked layers.
         keep_outputs: also keep output tensors (for an extra backward pass, e.g. KFAC).
+        model: the whole model. When given, a forward pre-hook on it starts a fresh record at
+            each top-level forward, so several uses of a layer within one forward are all
+            recorded (weight sharing). Without it the latest call of a layer wins.
 
     Hooks are removed by :meth:`remove`, and automatically when the recorder is collected.
-    Only forwards with gradients enabled are recorded; the latest call of a layer wins.
+    Only forwards with gradients enabled are recorded (recomputations in a backward pass are
+    not).
     """
 
-    def __init__(self, layers: Sequence[LayerAdapter], keep_outputs: bool = False) -> None:
+    def __init__(self, layers: Sequence[LayerAdapter], keep_outputs: bool = False,
+                 model: nn.Module | None = None) -> None:
         self.layers = list(layers)
         self.keep_outputs = keep_outputs
         self.enabled = True
-        self.records = Records([None] * len(layers), [None] * len(layers), [0] * len(layers))
-        self._handles = []
+        self.records = Records.empty(len(self.layers))
+        self._per_forward = model is not None
         ref = weakref.ref(self)
-        for i, layer in enumerate(self.layers):
-            self._handles.append(layer.module.register_forward_hook(_persistent_hook(ref, i)))
+        self._handles = register(self.layers, lambda i, layer: _persistent_hook(ref, i))
+        if model is not None:
+            self._handles.append(model.register_forward_pre_hook(_start_hook(ref, model)))
         self._finalizer = weakref.finalize(self, _remove_handles, list(self._handles))
 
     def reset(self) -> None:
         """Forget what was recorded (call before each forward)."""
-        n = len(self.layers)
-        self.records = Records([None] * n, [None] * n, [0] * n)
+        self.records = Records.empty(len(self.layers))
 
     def remove(self) -> None:
         """Remove all hooks (idempotent)."""
@@ -155,15 +247,34 @@ class Recorder:
         return self._finalizer.alive
 
 
-def _persistent_hook(ref, i: int):
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+def _recording(self: Recorder | None) -> bool:
+    return (self is not None and self.enabled and torch.is_grad_enabled()
+            and not in_backward())
+
+
+def _start_hook(ref, model: nn.Module):
+    model_ref = weakref.ref(model)
+
+    def hook(module: nn.Module, args: tuple) -> None:
         self = ref()
-        if self is None or not self.enabled or not torch.is_grad_enabled():
-            return
-        if module is not self.layers[i].module:  # a deepcopy of the model carries the hook along
-            return
-        self.records.calls[i] = 0  # persistent mode: the latest forward call wins
-        _make_hook(self.records, i, self.layers[i], self.keep_outputs)(module, args, output)
+        if _recording(self) and module is model_ref():
+            self.reset()
+
+    return hook
+
+
+def _persistent_hook(ref, i: int):
+    def hook(module: nn.Module, args: tuple, output: Tensor):
+        self = ref()
+        if not _recording(self):
+            return None
+        layer = self.layers[i]
+        if all(module is not m for m in layer.modules):  # a deepcopy carries the hook along
+            return None
+        if not self._per_forward:  # the latest forward call wins
+            self.records.inputs[i], self.records.outputs[i] = None, None
+            self.records.calls[i], self.records._watch[i] = 0, []
+        return _add_use(self.records, i, layer, module, args, output, self.keep_outputs)
 
     return hook
 

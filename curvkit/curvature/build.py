@@ -23,6 +23,7 @@ from curvkit.capture import (
     batch_size,
     capture,
     check_model,
+    eager_module,
     find_layers,
     input_tensors,
 )
@@ -80,6 +81,7 @@ class BuildContext:
     layers: list[LayerAdapter]
     extra: dict = field(default_factory=dict)
     output_fn: OutputFn | None = None
+    check: bool = True
 
     @cached_property
     def captured(self) -> Captured:
@@ -87,6 +89,7 @@ class BuildContext:
             self.model, self.inputs, self.layers, self.targets, likelihood=self.likelihood,
             kind=self.kind, mc_samples=self.mc_samples, generator=self.generator,
             output_fn=self.output_fn,
+            check=self.check,
         )
 
     @property
@@ -156,6 +159,7 @@ def fisher(
     subsample: int | None = None,
     subsample_generator: torch.Generator | None = None,
     column_budget_gb: float | None = None,
+    check: bool = True,
     **options,
 ) -> Curvature:
     """Fisher information of ``model`` on ``batch`` (one batch or an iterable of batches).
@@ -208,6 +212,9 @@ def fisher(
         subsample_generator: the ``torch.Generator`` of ``subsample`` (required with it).
         column_budget_gb: iterables, ``"full"`` / ``"block_diag"``: the most memory the kept
             columns and their Gram may take (default: half the available memory).
+        check: verify the capture against autograd on the same batch (the capture guard: for
+            random weights ``w`` over the columns of ``G``, ``G w`` must equal the parameter
+            gradient of ``Σ_m w_m ⟨σ_m, f(x)⟩``; one extra backward). ``False`` skips it.
         **options: structure-specific options (e.g. ``route`` for ``"full"``).
 
     Returns:
@@ -218,17 +225,22 @@ def fisher(
         TypeError: ``model`` is not an ``nn.Module``; a batch or an output of unsupported type.
         ValueError: an empty batch, targets with the wrong number of rows, bad options.
         MemoryError: the kept Woodbury columns of an iterable exceed ``column_budget_gb``.
+        CaptureMismatchError: the guard found a layer whose capture does not reproduce autograd
+            (the message names the layer, its type and the relative error).
+        UnsupportedLayerError: a parameter lives in a module curvkit cannot capture.
+        RuntimeError: called inside ``torch.inference_mode()``.
     """
     from curvkit.curvature import data as _data  # the union over batches (imports this module)
 
     check_model(model)
+    model = eager_module(model)
     check_choice(likelihood, LIKELIHOODS, "likelihood")
     check_choice(kind, KINDS, "kind")
     check_choice(structure, structures(), "structure")
     params = resolve_params(model, params)
     layers = find_layers(model, params)
     ctx = BuildContext(model, None, None, likelihood, kind, mc_samples, generator, params,
-                       layers, output_fn=output_fn)
+                       layers, output_fn=output_fn, check=bool(check))
     op, captured, num_data, info = _data.build(
         ctx, structure, _STRUCTURES[structure], batch, targets, label_key=label_key,
         progress=progress, subsample=subsample, subsample_generator=subsample_generator,

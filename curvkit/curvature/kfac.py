@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvkit.capture import LayerAdapter, forward, record
+from curvkit.capture import LayerAdapter, capture_inputs
 from curvkit.curvature.base import Curvature
 from curvkit.curvature.build import BuildContext, register_structure
 from curvkit.linalg import BlockDiagonal, Kronecker
@@ -185,14 +185,9 @@ def _check_no_options(structure: str, options: dict) -> None:
 
 
 def _forward_inputs(ctx: BuildContext) -> list[Tensor]:
-    """Layer inputs ``a`` from one forward pass without gradients (FOOF needs nothing else)."""
-    with torch.no_grad(), record(ctx.layers, keep_outputs=False) as rec:
-        forward(ctx.model, ctx.inputs, ctx.output_fn)
-    rec.check_complete(ctx.layers)
-    for layer, a in zip(ctx.layers, rec.inputs):
-        if not torch.isfinite(a).all():
-            raise FloatingPointError(f"non-finite inputs at layer {layer.describe()}")
-    return list(rec.inputs)
+    """Layer inputs ``a`` from one forward pass (FOOF needs nothing else; guarded if ``check``)."""
+    return capture_inputs(ctx.model, ctx.inputs, ctx.layers, check=ctx.check,
+                          output_fn=ctx.output_fn)
 
 
 @register_structure("kfac")

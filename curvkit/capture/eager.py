@@ -1,0 +1,43 @@
+"""Compiled models: capture runs through the eager module, never through a compiled graph.
+
+``torch.compile(model)`` returns an ``OptimizedModule`` wrapping the eager ``model`` (its
+``_orig_mod``) with the same parameters; the function it computes is the eager one, so curvkit
+captures through ``_orig_mod``. Compiled submodules inside an eager model (and modules compiled
+in place with ``module.compile()``) run their forward through the compiled graph, which
+curvkit's hooks cannot observe reliably: they are refused.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["eager_module", "is_compiled"]
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper or was compiled in place."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return isinstance(module, OptimizedModule) or \
+        getattr(module, "_compiled_call_impl", None) is not None
+
+
+def eager_module(model: nn.Module, owner: str = "curvkit") -> nn.Module:
+    """The eager module behind ``torch.compile(model)`` (or ``model`` itself).
+
+    Raises:
+        TypeError: a submodule is compiled (the message names it and says what to do).
+    """
+    while is_compiled(model) and hasattr(model, "_orig_mod"):
+        model = model._orig_mod
+    for name, m in model.named_modules():
+        if is_compiled(m):
+            raise TypeError(
+                f"{owner}: module '{name or '<model>'}' ({type(m).__name__}) is compiled "
+                "(torch.compile / module.compile()); curvkit's layer hooks need eager forwards. "
+                "Pass the eager model (compile the whole model with torch.compile(model) if you "
+                "like: curvkit then uses model._orig_mod), or compile after building curvature."
+            )
+    return model
