@@ -147,9 +147,11 @@ def methods_for(model_name: str, quick: bool, batch: int) -> list[Method]:
     schedules = [(1, 1), (10, 10), (100, 100)] if model_name == "mlp" else [(500, 10)]
     for T, S in schedules:
         out.append(Method(f"FOOF T={T}", "foof", lambda m, T=T, S=S: FOOF(
-            m, lr=0.3, damping=1.0, inv_period=T, ema_steps=S, momentum=0.9), T, S))
+            m, lr=0.3, damping=1.0, inv_period=T, ema_steps=S, momentum=0.9,
+            precondition_with="current"), T, S))  # same work per step; the timing walks this order
         out.append(Method(f"KFAC T={T}", "kfac", lambda m, T=T, S=S: KFAC(
-            m, lr=0.003, damping=0.01, inv_period=T, ema_steps=S, momentum=0.9), T, S))
+            m, lr=0.003, damping=0.01, inv_period=T, ema_steps=S, momentum=0.9,
+            precondition_with="current"), T, S))
     out.append(Method("NaturalGradient", "natural", lambda m: NaturalGradient(
         m, lr=1e-3, damping=0.01, momentum=0.9)))
     if asdl_available() and not quick:

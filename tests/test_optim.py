@@ -1,6 +1,6 @@
 """Correctness of curvkit.optim: single steps against dense float64 computations, the toy example
-of App. F, the Algorithm 1 schedule, momentum/weight decay, groups, schedulers, directions, and
-training on digits.
+of App. F, momentum/weight decay, groups, schedulers, directions, and training on digits (the
+Algorithm 1 schedule: ``test_optim_schedule.py``).
 
 The references here never use curvkit's capture: layer inputs come from running the
 ``nn.Sequential`` module by module, errors from ``torch.autograd.grad`` on the layer outputs, Fisher
@@ -10,7 +10,6 @@ matrices from ``curvkit.testing.dense`` (``torch.func``).
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
@@ -19,111 +18,25 @@ from torch import nn
 
 import curvkit
 from curvkit.datasets import load_digits
-from curvkit.optim import FOOF, KFAC, NaturalGradient, Schedule
+from curvkit.optim import FOOF, KFAC, NaturalGradient
 from curvkit.testing import dense_block_diagonal, dense_fisher
 from tests.cases import cnn, mlp, single_linear_one_point
-
-f64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP stalls on a loaded machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# ---------------------------------------------------------------------- references
-def run_layers(model: nn.Sequential, x: torch.Tensor):
-    """Run ``model`` module by module; return ``[(module, input, output)]`` for the layers with
-    parameters (outputs attached to the graph) and the model output."""
-    out = []
-    h = x
-    for mod in model:
-        y = mod(h)
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            out.append((mod, h, y))
-        h = y
-    return out, h
-
-
-def a_of(mod: nn.Module, inp: torch.Tensor) -> torch.Tensor:
-    """``(N, T, d_in)`` layer inputs with a ones column for a bias."""
-    if isinstance(mod, nn.Conv2d):
-        a = F.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2)
-    else:
-        a = inp.reshape(inp.shape[0], 1, -1)
-    if mod.bias is not None:
-        a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], dim=2)
-    return a.detach()
-
-
-def A_hat(mod: nn.Module, inp: torch.Tensor) -> torch.Tensor:
-    a = a_of(mod, inp)
-    return torch.einsum("nti,ntj->ij", a, a) / a.shape[0]
-
-
-def grad_matrix(mod: nn.Module, attr: str = "grad") -> torch.Tensor:
-    cols = [getattr(mod.weight, attr).reshape(mod.weight.shape[0], -1)]
-    if mod.bias is not None:
-        cols.append(getattr(mod.bias, attr).reshape(-1, 1))
-    return torch.cat(cols, dim=1)
-
-
-def params_of(mod: nn.Module) -> list[torch.Tensor]:
-    return [mod.weight] + ([mod.bias] if mod.bias is not None else [])
-
-
-def layer_matrix(mod: nn.Module) -> torch.Tensor:
-    cols = [mod.weight.detach().reshape(mod.weight.shape[0], -1)]
-    if mod.bias is not None:
-        cols.append(mod.bias.detach().reshape(-1, 1))
-    return torch.cat(cols, dim=1)
-
-
-def B_hats(model: nn.Sequential, x: torch.Tensor, seeds: torch.Tensor) -> list[torch.Tensor]:
-    """``B̂ = (1/T) Σ_{r,n,t} e eᵀ`` per layer for output seeds ``(N, R, C)`` (already scaled)."""
-    layers, f = run_layers(model, x)
-    outs = [y for _, _, y in layers]
-    Bs = [0.0] * len(layers)
-    for r in range(seeds.shape[1]):
-        gs = torch.autograd.grad(f, outs, seeds[:, r], retain_graph=True)
-        for i, ((mod, _, _), g) in enumerate(zip(layers, gs)):
-            e = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2) if isinstance(mod, nn.Conv2d) \
-                else g.reshape(g.shape[0], 1, -1)
-            Bs[i] = Bs[i] + torch.einsum("nto,ntp->op", e, e) / e.shape[1]
-    return Bs
-
-
-def exact_seeds(f: torch.Tensor) -> torch.Tensor:
-    """``√p_c (p − 1_c) / √N`` for classification (``(N, C, C)``)."""
-    p = torch.softmax(f.detach(), 1)
-    eye = torch.eye(p.shape[1], dtype=p.dtype)
-    return p.sqrt().unsqueeze(2) * (p.unsqueeze(1) - eye) / math.sqrt(p.shape[0])
-
-
-def mc_seeds(f: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    p = torch.softmax(f.detach().to(f64), 1)
-    y = torch.multinomial(p, 1, replacement=True, generator=gen)[:, 0]
-    return ((torch.softmax(f.detach(), 1) - F.one_hot(y, p.shape[1]).to(f.dtype)) / math.sqrt(
-        p.shape[0])).unsqueeze(1)
-
-
-def pi_split(A: torch.Tensor, B: torch.Tensor, lam: float) -> tuple[float, float]:
-    pi = math.sqrt((A.trace() / A.shape[0]) / (B.trace() / B.shape[0]))
-    return pi * math.sqrt(lam), math.sqrt(lam) / pi
-
-
-def loss_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return loss
-
-
-def snapshot(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
+from tests.optim_refs import (
+    A_hat,
+    B_hats,
+    _one_thread,  # noqa: F401  (autouse fixture)
+    assert_state_equal,
+    exact_seeds,
+    f64,
+    grad_matrix,
+    layer_matrix,
+    loss_backward,
+    mc_seeds,
+    params_of,
+    pi_split,
+    run_layers,
+    snapshot,
+)
 
 
 # ---------------------------------------------------------------------- toy example (App. F)
@@ -362,85 +275,15 @@ def test_natural_gradient_explicit_inputs():
         torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------------- Algorithm 1 schedule
-def test_schedule_predicates():
-    s = Schedule(inv_period=5, ema_steps=2)
-    assert [t for t in range(16) if s.is_stats(t)] == [0, 4, 5, 9, 10, 14, 15]
-    assert [t for t in range(16) if s.is_inversion(t)] == [0, 5, 10, 15]
-    full = Schedule(inv_period=3, ema_steps=3)
-    assert all(full.is_stats(t) for t in range(9))
-    one = Schedule(1, 1)
-    assert all(one.is_stats(t) and one.is_inversion(t) for t in range(5))
-
-
-def test_foof_schedule_counts_and_normalised_ema():
-    """EMA updates exactly at t mod T ∈ {T−S+1, …, T−1, 0}, inversions at t mod T = 0, the EMA is
-    normalised, and plain steps use the latest inverse."""
-    torch.manual_seed(0)
-    case = mlp(False)
-    model = case.model
-    T, S, m, lam, lr = 5, 2, 0.5, 0.2, 0.1
-    opt = FOOF(model, lr=lr, damping=lam, ema_decay=m, inv_period=T, ema_steps=S)
-    batches = [(torch.randn(6, 5, dtype=f64), torch.randint(0, 3, (6,))) for _ in range(12)]
-    first = model[0]
-    A_batches = []
-    for t, (x, y) in enumerate(batches):
-        before = dict(opt.counts)
-        opt.zero_grad()
-        loss_backward(model, x, y)
-        recorded = opt.recorder.records.inputs[0] is not None
-        assert recorded == (t % T in (0, 4)), t  # hooks record only on statistics steps
-        with torch.no_grad():
-            A_batches.append(A_hat(first, x))
-        if t == 7:  # a plain step uses the inverse built at step 5
-            Ahat = (0.125 * A_batches[0] + 0.25 * A_batches[4] + 0.5 * A_batches[5]) / 0.875
-            P = torch.linalg.inv(Ahat + lam * torch.eye(5, dtype=f64))
-            expected = -lr * first.weight.grad @ P
-            torch.testing.assert_close(opt.direction()[0], expected, rtol=1e-10, atol=1e-12)
-        opt.step()
-        assert opt.counts["ema_updates"] - before["ema_updates"] == int(t % T in (0, 4))
-        assert opt.counts["inversions"] - before["inversions"] == int(t % T == 0)
-        if t == 5:
-            expected = (0.125 * A_batches[0] + 0.25 * A_batches[4] + 0.5 * A_batches[5]) / 0.875
-            torch.testing.assert_close(opt.factors()[0]["A"], expected, rtol=1e-12, atol=1e-12)
-    assert opt.counts == {"ema_updates": 5, "inversions": 3}
-    assert opt.step_count == 12
-
-
-def test_kfac_extra_backward_only_on_statistics_steps():
-    case = mlp(True)
-    model = case.model
-    opt = KFAC(model, lr=0.01, damping=0.1, inv_period=4, ema_steps=1)
-    for t in range(6):
-        x, y = torch.randn(5, 5, dtype=f64), torch.randint(0, 3, (5,))
-        opt.zero_grad()
-        loss_backward(model, x, y)
-        assert (opt.errors.errors is not None) == (t % 4 == 0)
-        opt.step()
-    assert opt.counts == {"ema_updates": 2, "inversions": 2}
-
-
-def test_initialize_prefills_ema():
-    case = mlp(False)
-    model = case.model
-    m = 0.9
-    opt = FOOF(model, lr=0.1, damping=0.1, ema_decay=m, inv_period=10, ema_steps=10)
-    xs = [torch.randn(4, 5, dtype=f64) for _ in range(3)]
-    assert opt.initialize((x, None) for x in xs) == 3
-    A = [A_hat(model[0], x) for x in xs]
-    ema = (1 - m) * (m * m * A[0] + m * A[1] + A[2]) / (1 - m ** 3)
-    torch.testing.assert_close(opt.factors()[0]["A"], ema, rtol=1e-12, atol=1e-12)
-    assert opt.counts == {"ema_updates": 3, "inversions": 1} and opt.step_count == 0
-    assert all(p.grad is None for p in model.parameters())
-
-
 # ---------------------------------------------------------------------- momentum, weight decay, groups
 def test_momentum_and_decoupled_weight_decay():
     case = mlp(False)
     model = case.model
     lr, lam, mu, wd = 0.3, 0.5, 0.9, 0.01
+    # "current": each step's own batch preconditions it (the default "previous" order, pinned in
+    # test_optim_schedule.py, would use the previous batch's factors)
     opt = FOOF(model, lr=lr, damping=lam, ema_decay=0.0, inv_period=1, ema_steps=1, momentum=mu,
-               weight_decay=wd)
+               weight_decay=wd, precondition_with="current")
     buf = None
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
@@ -546,22 +389,6 @@ def test_direction_is_the_step_and_changes_nothing(make):
         opt.step()
         for p, p0, dp in zip(model.parameters(), before, d):
             torch.testing.assert_close(p.detach(), p0 + dp, rtol=1e-12, atol=1e-14)
-
-
-def assert_state_equal(a, b) -> None:
-    """Recursive equality of state dicts (tensors compared exactly)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (set(a) ^ set(b))
-        for k in a:
-            assert_state_equal(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for u, v in zip(a, b):
-            assert_state_equal(u, v)
-    else:
-        assert a == b, (a, b)
 
 
 @pytest.mark.parametrize("damping_mode", ["heuristic", "standard"])

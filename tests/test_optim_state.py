@@ -15,7 +15,7 @@ from torch import nn
 from curvkit.capture import UnsupportedLayerError
 from curvkit.optim import FOOF, KFAC, NaturalGradient
 from tests.cases import cnn, mlp
-from tests.test_optim import assert_state_equal, loss_backward, params_of, snapshot
+from tests.optim_refs import assert_state_equal, loss_backward, params_of, snapshot
 
 f64 = torch.float64
 

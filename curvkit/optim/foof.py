@@ -36,7 +36,9 @@ class FOOF(FactoredOptimizer):
         m_t  ← μ m_{t−1} + ∇_W L                                (raw gradient of the user's loss)
         W    ← W − η ω W − η m_t P                              (right multiplication, d_in × d_in)
 
-    With ``ema_decay=0, inv_period=1`` a step is exactly ``ΔW = −η ∇_W L (Â_batch + λI)⁻¹``.
+    With ``ema_decay=0, inv_period=1`` the first step is exactly ``ΔW = −η ∇_W L (Â_0 + λI)⁻¹``
+    and step ``t ≥ 1`` uses the previous batch's ``Â_{t−1}`` (``precondition_with="current"``:
+    always the current batch's).
     The schedule and the order within a step are documented in :mod:`curvkit.optim.factored`;
     ``step_count``, ``counts`` and :meth:`factors` expose them.
 
@@ -57,6 +59,11 @@ class FOOF(FactoredOptimizer):
         ema_steps: ``S``, ``1 ≤ S ≤ T``.
         momentum: ``μ ∈ [0, 1)``, heavy ball on the raw gradient before preconditioning.
         weight_decay: ``ω ≥ 0``, decoupled (``W ← W − η ω W``, outside the preconditioner).
+        precondition_with: ``"previous"`` (default, Algorithm 1: ``P`` holds only batches before
+            the current one; the first step uses the initial factors) or ``"current"`` (the
+            batch of a statistics step is folded in before its own update; with
+            ``ema_decay=0, inv_period=1`` each step then uses exactly its own batch's ``Â``).
+            See :mod:`curvkit.optim.factored`.
         params: parameters or parameter groups (per-group ``lr``, ``damping``, ``momentum``,
             ``weight_decay``); default all trainable parameters of ``model``.
 
@@ -84,11 +91,12 @@ class FOOF(FactoredOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         *,
+        precondition_with: str = "previous",
         params: Iterable | None = None,
     ) -> None:
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, params, defaults, ema_decay=ema_decay, inv_period=inv_period,
-                         ema_steps=ema_steps)
+                         ema_steps=ema_steps, precondition_with=precondition_with)
 
     def _batch_factors(self, t: int) -> list[dict[str, Tensor]]:
         out = []

@@ -1,4 +1,5 @@
-"""KFAC with heuristic (factored Tikhonov) or standard (eigenbasis) damping (math_spec §5)."""
+"""KFAC with heuristic (factored Tikhonov, eq 2) or standard damping (eq 3, App. D.1), and the
+App. D.9 variant "FOOF with λ_A from KFAC" as a trainable direction."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ DAMPING_MODES = ("heuristic", "standard")
 KFAC_KINDS = ("mc", "exact")
 VARIANTS = ("kfac", "foof")
 RESCALES = (None, "lambda_b", "norm")
+
+
+def check_variant(variant: str, rescale: str | None) -> None:
+    """``ValueError`` unless ``variant`` is in :data:`VARIANTS` and ``rescale`` fits it."""
+    check_choice(variant, VARIANTS, "variant")
+    if rescale not in RESCALES:
+        raise ValueError(f"unknown rescale {rescale!r}; valid: {RESCALES}")
+    if variant == "kfac" and rescale is not None:
+        raise ValueError("rescale applies to variant='foof' only")
 
 
 class KFAC(FactoredOptimizer):
@@ -49,8 +59,16 @@ class KFAC(FactoredOptimizer):
     model output must be the logits / mean ``(N, C)`` of ``likelihood``. Evaluate the model under
     ``torch.no_grad()`` between steps (the latest grad-enabled forward before ``step`` is used).
 
-    With ``ema_decay=0, inv_period=1`` a step is exactly the damped KFAC step on the current
-    batch, in both damping modes. Schedule: see :mod:`curvkit.optim.factored`.
+    With ``ema_decay=0, inv_period=1`` the first step is exactly the damped KFAC step on its own
+    batch, in both damping modes; later steps use the previous batch's factors (Algorithm 1's
+    order) or, with ``precondition_with="current"``, their own. Schedule: see
+    :mod:`curvkit.optim.factored`.
+
+    **App. D.9 ("FOOF'").** ``variant="foof"`` trains along KFAC without its second factor,
+    ``ΔW = −η M (Â + λ_A I)⁻¹`` with KFAC's normalised ``Â`` and π-rule ``λ_A`` (which varies
+    during training, unlike FOOF's constant ``λ``); ``rescale="lambda_b"`` multiplies it by
+    ``1/λ_B = λ_A/λ`` (the Fig 3 version, keeping KFAC's effective step size) and
+    ``rescale="norm"`` rescales each layer to the Frobenius norm of KFAC's step (Fig 4C).
 
     **Normalisation.** ``Â`` and ``B̂`` are batch means, so the paper code's ``(η_p, λ_p)`` for
     dense layers (``A`` = batch sum, ``B`` = batch mean, mean loss) map to ``η = η_p/N``,
@@ -64,6 +82,10 @@ class KFAC(FactoredOptimizer):
             Gaussian) or ``"binary"`` (Bernoulli on logits).
         kind: ``"mc"`` (one sampled label per input, the paper's default) or ``"exact"``.
         damping_mode: ``"heuristic"`` (eq 2, the paper's default) or ``"standard"``.
+        variant: the direction :meth:`step` follows: ``"kfac"`` or ``"foof"`` (App. D.9).
+        rescale: with ``variant="foof"``: ``None``, ``"lambda_b"`` or ``"norm"`` (see above).
+        precondition_with: ``"previous"`` (default, Algorithm 1) or ``"current"``; see
+            :class:`FOOF` and :mod:`curvkit.optim.factored`.
         ema_decay, inv_period, ema_steps, momentum, weight_decay: as for :class:`FOOF`.
         generator: ``torch.Generator`` for the MC labels (state saved in :meth:`state_dict`).
         params: parameters or parameter groups (per-group ``lr``, ``damping``, ``momentum``,
@@ -94,6 +116,9 @@ class KFAC(FactoredOptimizer):
         weight_decay: float = 0.0,
         generator: torch.Generator | None = None,
         *,
+        variant: str = "kfac",
+        rescale: str | None = None,
+        precondition_with: str = "previous",
         params: Iterable | None = None,
     ) -> None:
         check_choice(likelihood, LIKELIHOODS, "likelihood")
@@ -102,14 +127,17 @@ class KFAC(FactoredOptimizer):
                              "pass never sees; supported kinds: 'mc', 'exact'")
         check_choice(kind, KFAC_KINDS, "kind")
         check_choice(damping_mode, DAMPING_MODES, "damping_mode")
+        check_variant(variant, rescale)
+        self.variant, self.rescale = variant, rescale
         self.likelihood, self.kind, self.damping_mode = likelihood, kind, damping_mode
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, params, defaults, ema_decay=ema_decay, inv_period=inv_period,
-                         ema_steps=ema_steps, keep_outputs=True, generator=generator,
+                         ema_steps=ema_steps, precondition_with=precondition_with,
+                         keep_outputs=True, generator=generator,
                          needs_generator=kind == "mc")
         self.errors = ErrorRecorder(model, self.recorder, likelihood, kind, self.generator)
         self._hooks.append(self.errors)
-        self._set_recording(self.schedule.is_stats(self._step))
+        self._set_recording(self._records_at(self._step))
 
     # ------------------------------------------------------------------ recording
     def _set_recording(self, on: bool) -> None:
@@ -121,6 +149,9 @@ class KFAC(FactoredOptimizer):
         super()._reset_records()
         if hasattr(self, "errors"):
             self.errors.reset()
+
+    def _trained_variant(self) -> dict[str, Any]:
+        return {"variant": self.variant, "rescale": self.rescale}
 
     def _on_refused(self) -> None:
         if self.generator is not None and self.errors.generator_state is not None:
@@ -195,11 +226,13 @@ class KFAC(FactoredOptimizer):
         return out
 
     @torch.no_grad()
-    def direction(self, variant: str = "kfac", rescale: str | None = None) -> list[Tensor]:  # type: ignore[override]
+    def direction(self, variant: str | None = None, rescale: str | None = None  # type: ignore[override]
+                  ) -> list[Tensor]:
         """The parameter change ``Δθ`` of the next step, without changing any state.
 
         Args:
-            variant: ``"kfac"`` (what :meth:`step` does) or ``"foof"``: KFAC without its second
+            variant: ``None`` (what :meth:`step` does: the constructor's ``variant`` and
+                ``rescale``), ``"kfac"`` or ``"foof"``: KFAC without its second
                 factor (App. D.9, "FOOF with λ_A from KFAC"), ``P(M) = M (Â + λ_A I)⁻¹`` with
                 KFAC's normalised ``Â`` and π-rule ``λ_A`` (also under standard damping).
             rescale: for ``"foof"``: ``None``; ``"lambda_b"`` multiplies by ``1/λ_B`` (Fig 3C/D:
@@ -210,10 +243,10 @@ class KFAC(FactoredOptimizer):
             ``−η P(M) − η ω θ`` per parameter (``param_groups`` order), where ``M`` includes the
             momentum the step would use.
         """
-        check_choice(variant, VARIANTS, "variant")
-        if rescale not in RESCALES:
-            raise ValueError(f"unknown rescale {rescale!r}; valid: {RESCALES}")
-        if variant == "kfac" and rescale is not None:
-            raise ValueError("rescale applies to variant='foof' only")
-        plan = self._plan_or_undo(variant=variant, rescale=rescale)
+        if variant is None:
+            if rescale is not None:
+                raise ValueError("pass rescale together with variant='foof'")
+            variant, rescale = self.variant, self.rescale
+        check_variant(variant, rescale)
+        plan = self._plan_or_undo(final=False, variant=variant, rescale=rescale)
         return self._as_update(self.layer_directions_to_params(plan.directions))
