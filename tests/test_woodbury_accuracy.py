@@ -163,3 +163,22 @@ def test_float64_accumulated_products_match_dense():
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, ref.float(), rtol=0, atol=0)
         torch.testing.assert_close(fac.sub_matmat64(X.T.contiguous().T, W, 7.0), ref.float(), rtol=0, atol=0)
+
+
+def test_benchmark_smoke(tmp_path):
+    """``benchmarks/woodbury_solve.py --quick`` runs and its solve sits at the float32 limit."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "woodbury_solve.py"
+    spec = importlib.util.spec_from_file_location("woodbury_solve_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--quick", "--ns", "8", "--rounds", "1", "--inner", "1", "--no-cg",
+                      "--out", str(tmp_path / "w.json")])
+    (row,) = out["rows"]
+    for rhs in ("random", "gradient"):
+        acc = row["accuracy"][0][rhs]
+        assert acc["curvkit"] <= 3.0 * acc["limit"]
+    assert row["ratios"]["solve/fwd_bwd"]["median"] > 0
+    assert (tmp_path / "w.json").exists()
