@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small widths, N in {16, 32}")
     parser.add_argument("--ns", type=int, nargs="*", default=None)
+    parser.add_argument("--widths", type=int, nargs="*", default=None, help="MLP widths (smoke tests)")
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--inner", type=int, default=3, help="calls per round for the fast contenders")
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    widths = [784, 100, 100, 10] if args.quick else [784, 1000, 1000, 1000, 10]
+    widths = args.widths or ([784, 100, 100, 10] if args.quick else [784, 1000, 1000, 1000, 10])
     ns = args.ns or ([16, 32] if args.quick else [32, 100, 300])
     model = mlp(widths)
     train_loss = train(model, args.train_steps, widths[0], 0) if args.train_steps else None

@@ -166,7 +166,7 @@ def test_float64_accumulated_products_match_dense():
 
 
 def test_benchmark_smoke(tmp_path):
-    """``benchmarks/woodbury_solve.py --quick`` runs and its solve sits at the float32 limit."""
+    """``benchmarks/woodbury_solve.py`` runs (tiny widths) and its solve sits at the float32 limit."""
     import importlib.util
     from pathlib import Path
 
@@ -174,7 +174,8 @@ def test_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("woodbury_solve_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--quick", "--ns", "8", "--rounds", "1", "--inner", "1", "--no-cg",
+    out = bench.main(["--widths", "30", "20", "20", "5", "--ns", "8", "--rounds", "1", "--inner", "1",
+                      "--no-cg",
                       "--out", str(tmp_path / "w.json")])
     (row,) = out["rows"]
     for rhs in ("random", "gradient"):
