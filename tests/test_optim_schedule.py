@@ -162,7 +162,7 @@ def test_which_batches_enter_each_preconditioner(key, optimizer):
     else:  # unit-variance Gaussian with exact errors: B̂ = 1, so standard damping acts like FOOF
         def make(model):
             return KFAC(model, lr=1.0, damping=1.0, likelihood="regression", kind="exact",
-                        damping_mode="standard", ema_decay=m, inv_period=T, ema_steps=S,
+                        damping_mode="exact", ema_decay=m, inv_period=T, ema_steps=S,
                         precondition_with=order)
     got = one_hot_preconditioners(make, len(expected))
     for t, (g, e) in enumerate(zip(got, expected)):
@@ -210,7 +210,7 @@ def test_initialize_bad_input_changes_nothing():
 
 
 # ---------------------------------------------------------------------- App. D.9 as a trained direction
-@pytest.mark.parametrize("damping_mode", ["heuristic", "standard"])
+@pytest.mark.parametrize("damping_mode", ["heuristic", "exact"])
 def test_kfac_trains_along_foof_prime(damping_mode):
     """``KFAC(variant="foof", rescale="lambda_b")`` steps along ``−η M (Â + λ_A I)⁻¹ / λ_B`` with
     KFAC's π-rule λ_A, λ_B (App. D.9, Fig 3), dense float64 reference; two steps in Algorithm 1's

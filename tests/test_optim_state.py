@@ -34,7 +34,7 @@ MAKERS = {
     "kfac_mc_heuristic": lambda m: KFAC(m, lr=0.2, damping=0.3, ema_decay=0.9, inv_period=3,
                                         ema_steps=2, momentum=0.9, weight_decay=0.01,
                                         generator=torch.Generator().manual_seed(1)),
-    "kfac_mc_standard": lambda m: KFAC(m, lr=0.2, damping=0.3, damping_mode="standard", inv_period=2,
+    "kfac_mc_standard": lambda m: KFAC(m, lr=0.2, damping=0.3, damping_mode="exact", inv_period=2,
                                        ema_steps=2, momentum=0.5, generator=torch.Generator().manual_seed(1)),
     "natural_mc_full": lambda m: NaturalGradient(m, lr=0.2, damping=0.3, inv_period=2, momentum=0.9,
                                                  generator=torch.Generator().manual_seed(1)),
@@ -343,7 +343,7 @@ def test_cuda(name):
     opt = {
         "foof": lambda: FOOF(model, lr=0.2, damping=0.3, inv_period=2, ema_steps=2, momentum=0.9),
         "kfac": lambda: KFAC(model, lr=0.2, damping=0.3, inv_period=2, ema_steps=2, generator=gen),
-        "kfac_standard": lambda: KFAC(model, lr=0.2, damping=0.3, damping_mode="standard", generator=gen),
+        "kfac_standard": lambda: KFAC(model, lr=0.2, damping=0.3, damping_mode="exact", generator=gen),
         "natural": lambda: NaturalGradient(model, lr=0.2, damping=0.3, generator=gen),
     }[name]()
     data = [(x.cuda(), y.cuda()) for x, y in batches(3, False)]

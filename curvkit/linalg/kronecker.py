@@ -16,19 +16,38 @@ With row-major vectorisation ``(B ⊗ A) vec_r(V) = vec_r(B V A)`` for symmetric
 
   with the guard ``π = 1`` when ``π`` is not finite or not positive (e.g. a zero factor).
 
-``B = None`` stands for the identity (FOOF: ``I ⊗ Â``, i.e. ``V ↦ V Â``). All factorisations are
-done in float64 (eigh; Cholesky for the heuristic mode with an eigh fallback), also for float32
-factors, so ill-conditioned factors do not crash.
+``B = None`` stands for the identity (FOOF: ``I ⊗ Â``, i.e. ``V ↦ V Â``; its exact damped inverse
+is ``V ↦ V (Â + λI)⁻¹``, one Cholesky).
+
+**Factorisations.** :meth:`Kronecker.factorize` returns a :class:`KroneckerInverse` holding the
+factorised damped inverse (the optimizers keep it between inversions). Inverses of damped factors
+``(S + λI)⁻¹`` are ``cholesky_inverse`` of one Cholesky factor (:func:`damped_inverse`), never
+solves against the identity. The dtype rule: ``S + λI`` is factorised in float32 only when the
+factor is float32 *and* the condition bound ``κ ≤ 1 + tr(S)/λ`` (``λ_max(S) ≤ tr S`` for PSD
+``S``) is at most :data:`FLOAT32_MAX_COND` (``10³``: float32 round-off then costs at most
+``~κ·ε₃₂ ≈ 10⁻⁴`` relative); otherwise, and whenever float32 Cholesky fails, in float64
+(:func:`~curvkit.linalg.damped_cholesky`, eigh fallback). Eigendecompositions (exact mode with a
+``B``) are float64; when LAPACK's ``eigh`` does not converge (seen on rank-deficient float32
+factors with many zero rows), a trace-scaled shift ``τ = 10⁻¹²·tr(S)/n`` and then scipy's ``evr``
+driver are tried, with a ``RuntimeWarning`` once per factor name.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.linalg.cholesky import damped_cholesky
 from curvkit.linalg.operator import LinearOperator, SingularError
+
+#: Largest condition bound ``1 + tr(S)/λ`` at which a float32 ``S + λI`` is factorised in float32.
+FLOAT32_MAX_COND = 1e3
+
+_WARNED: set[str] = set()
 
 
 def pi_damping(A: Tensor, B: Tensor | None, damping: float) -> tuple[float, float]:
@@ -45,24 +64,161 @@ def pi_damping(A: Tensor, B: Tensor | None, damping: float) -> tuple[float, floa
     return pi * root, root / pi
 
 
-def _sym_eigh(S: Tensor) -> tuple[Tensor, Tensor]:
+def factorisation_dtype(S: Tensor, damping: float) -> torch.dtype:
+    """The dtype ``S + λI`` is factorised in: float32 iff ``S`` is float32 and
+    ``1 + tr(S)/λ ≤`` :data:`FLOAT32_MAX_COND` (a bound on its condition number), else float64."""
+    if S.dtype != torch.float32 or not damping > 0:
+        return torch.float64
+    tr = float(S.diagonal().sum())
+    return torch.float32 if math.isfinite(tr) and 1.0 + max(tr, 0.0) / damping <= FLOAT32_MAX_COND \
+        else torch.float64
+
+
+def damped_inverse(S: Tensor, damping: float, *, name: str = "factor",
+                   dtype: torch.dtype | None = None, allow_float32: bool = False) -> Tensor:
+    """``(S + λI)⁻¹`` for a symmetric PSD ``S``: ``cholesky_inverse`` of one Cholesky factor,
+    in float64 (eigh fallback), or, with ``allow_float32``, in :func:`factorisation_dtype`
+    (float32 when that is safe and succeeds; see the module doc).
+
+    Args:
+        S: ``(n, n)`` symmetric PSD factor.
+        damping: ``λ > 0``.
+        name: the factor's name for warnings and errors.
+        dtype: dtype of the result (default ``S.dtype``).
+        allow_float32: apply the float32 rule (the optimizers; curvature solves stay float64).
+
+    Returns:
+        The ``(n, n)`` inverse.
+
+    Raises:
+        SingularError: ``S + λI`` is singular.
+    """
+    out = S.dtype if dtype is None else dtype
+    if allow_float32 and factorisation_dtype(S, damping) == torch.float32:
+        A = S + damping * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+        L, info = torch.linalg.cholesky_ex(A)  # reads the lower triangle: no symmetrisation
+        if int(info) == 0:
+            return torch.cholesky_inverse(L).to(out)
+    return damped_cholesky(S, damping, name=name).inverse().to(out)
+
+
+def _warn_once(name: str, message: str) -> None:
+    if name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _sym_eigh(S: Tensor, name: str = "factor") -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of the symmetrised ``S`` in float64 (eigenvalues clamped at 0), with the
+    fallbacks of the module doc when LAPACK does not converge."""
     S = S.to(torch.float64)
-    s, U = torch.linalg.eigh(0.5 * (S + S.T))
+    S = 0.5 * (S + S.T)
+    try:
+        s, U = torch.linalg.eigh(S)
+    except torch.linalg.LinAlgError:
+        n = S.shape[0]
+        tau = 1e-12 * max(float(S.diagonal().sum()) / max(n, 1), torch.finfo(torch.float64).tiny)
+        try:
+            s, U = torch.linalg.eigh(S + tau * torch.eye(n, dtype=S.dtype, device=S.device))
+            s = s - tau
+            how = f"the trace-scaled shift τ = {tau:.3g}"
+        except torch.linalg.LinAlgError:
+            import scipy.linalg
+
+            w, V = scipy.linalg.eigh(S.cpu().numpy(), driver="evr")
+            s, U = torch.from_numpy(w).to(S.device), torch.from_numpy(V).to(S.device)
+            how = "scipy's 'evr' driver"
+        _warn_once(name, f"{name}: torch.linalg.eigh did not converge (ill-conditioned factor); "
+                         f"eigendecomposition computed with {how}")
     return s.clamp_min(0.0), U
 
 
-def _damped_inverse(S: Tensor, damping: float) -> Tensor:
-    """``(S + λI)⁻¹`` in float64 by Cholesky, falling back to eigh for ill-conditioned ``S``."""
-    S64 = S.to(torch.float64)
-    S64 = 0.5 * (S64 + S64.T) + damping * torch.eye(S.shape[0], dtype=torch.float64, device=S.device)
-    L, info = torch.linalg.cholesky_ex(S64)
-    if int(info) == 0:
-        return torch.cholesky_inverse(L)
-    s, U = torch.linalg.eigh(S64)
-    if s.min() <= 0:
-        raise SingularError(f"factor + {damping}·I is singular (min eigenvalue {s.min().item():.3g}); "
-                            "pass a larger damping")
-    return (U / s) @ U.T
+class KroneckerInverse:
+    """The factorised damped inverse of ``B ⊗ A``, applied as ``V ↦ inverse(vec_r V)`` in matrix
+    form (see the module doc for both damping modes).
+
+    ``mode="heuristic"`` holds ``A_inv = (A + λ_A I)⁻¹`` and ``B_inv = (B + λ_B I)⁻¹`` (``None`` for
+    ``B = I``) with the damping fixed; ``mode="exact"`` holds the eigendecompositions
+    ``s_A, U_A, s_B, U_B`` and takes ``λ`` at :meth:`solve_matrix`, except for ``B = I``, where it
+    holds ``A_inv = (A + λI)⁻¹`` (``λ`` fixed). Its :meth:`state_dict` is plain tensors and
+    floats (``torch.load(weights_only=True)`` reads it).
+
+    Attributes:
+        mode: ``"heuristic"`` or ``"exact"``.
+        damping: the damping ``λ`` it was factorised for.
+        lambda_A, lambda_B: the π-rule split of ``λ`` (heuristic damping, also reported in exact
+            mode).
+    """
+
+    _TENSORS = ("A_inv", "B_inv", "s_A", "U_A", "s_B", "U_B")
+
+    def __init__(self, mode: str, damping: float, lambda_A: float, lambda_B: float,
+                 **tensors: Tensor | None) -> None:
+        if mode not in Kronecker.damping_modes:
+            raise ValueError(f"unknown damping_mode {mode!r}; valid: {list(Kronecker.damping_modes)}")
+        self.mode, self.damping = mode, float(damping)
+        self.lambda_A, self.lambda_B = float(lambda_A), float(lambda_B)
+        self.tensors = {k: tensors.get(k) for k in self._TENSORS}
+
+    @property
+    def fixed_damping(self) -> bool:
+        """Whether the damping was fixed at factorisation time."""
+        return self.tensors["A_inv"] is not None
+
+    def solve_matrix(self, V: Tensor, damping: float | None = None) -> Tensor:
+        """The damped inverse applied to ``V`` of shape ``(..., d_out, d_in)``, computed in
+        ``V``'s dtype and device (the held tensors are cast to them; a no-op when they match).
+
+        Args:
+            V: the matrices.
+            damping: ``λ`` for the eigendecomposition form (default: the factorisation's); must
+                equal it when the damping was fixed.
+
+        Returns:
+            Tensor shaped like ``V``.
+        """
+        lam = self.damping if damping is None else float(damping)
+        t = self.tensors
+        if self.fixed_damping:
+            if lam != self.damping:
+                raise ValueError(f"this inverse was factorised for damping {self.damping}, not {lam}; "
+                                 "factorize again")
+            out = V @ t["A_inv"].to(V)
+            return out if t["B_inv"] is None else t["B_inv"].to(V) @ out
+        UA, UB = t["U_A"].to(V), t["U_B"].to(V)
+        denom = t["s_B"].to(V)[:, None] * t["s_A"].to(V)[None, :] + lam
+        if (denom <= 0).any():
+            raise SingularError(f"B ⊗ A + {lam}·I is singular; pass damping > 0")
+        return UB @ ((UB.T @ V @ UA) / denom) @ UA.T
+
+    def input_inverse(self) -> Tensor:
+        """``(A + λ_A I)⁻¹`` with the π-rule ``λ_A`` (App. D.9: KFAC without its second factor)."""
+        t = self.tensors
+        if self.mode == "heuristic":
+            return t["A_inv"]
+        if t["U_A"] is None:
+            raise ValueError("input_inverse needs the eigendecomposition or the heuristic mode")
+        UA = t["U_A"]
+        return (UA / (t["s_A"] + self.lambda_A)) @ UA.T
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+           ) -> KroneckerInverse:
+        """A copy with the tensors cast (``None``: unchanged)."""
+        cast = {k: None if v is None else v.to(dtype=dtype or v.dtype, device=device or v.device)
+                for k, v in self.tensors.items()}
+        return KroneckerInverse(self.mode, self.damping, self.lambda_A, self.lambda_B, **cast)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors, numbers and a bool (no strings: ``torch.optim`` state loading would
+        iterate them)."""
+        return {"heuristic": self.mode == "heuristic", "damping": self.damping,
+                "lambda_A": self.lambda_A, "lambda_B": self.lambda_B, **self.tensors}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> KroneckerInverse:
+        """Inverse of :meth:`state_dict` (no computation)."""
+        return cls("heuristic" if state["heuristic"] else "exact", state["damping"],
+                   state["lambda_A"], state["lambda_B"], **{k: state.get(k) for k in cls._TENSORS})
 
 
 class Kronecker(LinearOperator):
@@ -91,31 +247,66 @@ class Kronecker(LinearOperator):
         self.d_out = B.shape[0] if B is not None else int(d_out)
         super().__init__(self.d_out * self.d_in, A.dtype, A.device, name=name or "Kronecker")
         self._eig: tuple | None = None
-        self._heur: dict[float, tuple[Tensor | None, Tensor]] = {}
+        self._heur: dict[tuple, tuple[Tensor | None, Tensor]] = {}
 
     # ------------------------------------------------------------------ pieces
     def eig(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """``(s_A, U_A, s_B, U_B)`` in float64 (``None`` for an identity ``B``); cached."""
         if self._eig is None:
-            sA, UA = _sym_eigh(self.A)
-            sB, UB = _sym_eigh(self.B) if self.B is not None else (None, None)
+            sA, UA = _sym_eigh(self.A, f"{self.name}.A")
+            sB, UB = _sym_eigh(self.B, f"{self.name}.B") if self.B is not None else (None, None)
             self._eig = (sA, UA, sB, UB)
         return self._eig
+
+    def factorize(self, damping: float, damping_mode: str = "exact",
+                  dtype: torch.dtype | None = None, allow_float32: bool = False) -> KroneckerInverse:
+        """The factorised damped inverse (module doc), its tensors in ``dtype`` (default float64).
+
+        Args:
+            damping: ``λ > 0``.
+            damping_mode: ``"exact"`` (standard damping) or ``"heuristic"``.
+            dtype: dtype of the held tensors.
+            allow_float32: Cholesky factorisations of float32 factors may run in float32 where
+                the module doc's rule says it is safe (the optimizers); eigendecompositions are
+                always float64.
+
+        Returns:
+            A :class:`KroneckerInverse`.
+        """
+        if damping_mode not in self.damping_modes:
+            raise ValueError(f"unknown damping_mode {damping_mode!r}; valid: {list(self.damping_modes)}")
+        dt = torch.float64 if dtype is None else dtype
+        lam_a, lam_b = self.damping_split(damping)
+        if damping_mode == "heuristic" or self.B is None:
+            if damping_mode == "heuristic":
+                Bi, Ai = self.heuristic_inverses(damping, dt, allow_float32)
+            else:  # (I ⊗ A + λI)⁻¹ = I ⊗ (A + λI)⁻¹
+                Bi, Ai = None, damped_inverse(self.A, damping, name=f"{self.name}.A", dtype=dt,
+                                              allow_float32=allow_float32)
+            return KroneckerInverse(damping_mode, damping, lam_a, lam_b, A_inv=Ai, B_inv=Bi)
+        sA, UA, sB, UB = self.eig()
+        return KroneckerInverse("exact", damping, lam_a, lam_b, s_A=sA.to(dt), U_A=UA.to(dt),
+                                s_B=sB.to(dt), U_B=UB.to(dt))
 
     def damping_split(self, damping: float) -> tuple[float, float]:
         """``(λ_A, λ_B)`` of the heuristic (π) damping."""
         return pi_damping(self.A, self.B, damping)
 
-    def heuristic_inverses(self, damping: float) -> tuple[Tensor | None, Tensor]:
-        """``((B + λ_B I)⁻¹, (A + λ_A I)⁻¹)`` in float64 (first is ``None``/scalar for ``B = I``)."""
-        if damping not in self._heur:
+    def heuristic_inverses(self, damping: float, dtype: torch.dtype = torch.float64,
+                           allow_float32: bool = False) -> tuple[Tensor | None, Tensor]:
+        """``((B + λ_B I)⁻¹, (A + λ_A I)⁻¹)`` in ``dtype`` (first is ``None`` for ``B = I``);
+        :func:`damped_inverse` each, cached per ``(λ, dtype, allow_float32)``."""
+        key = (damping, dtype, allow_float32)
+        if key not in self._heur:
             lam_a, lam_b = self.damping_split(damping)
-            Ai = _damped_inverse(self.A, lam_a)
-            Bi = _damped_inverse(self.B, lam_b) if self.B is not None else None
+            kw = dict(dtype=dtype, allow_float32=allow_float32)
+            Ai = damped_inverse(self.A, lam_a, name=f"{self.name}.A", **kw)
+            Bi = damped_inverse(self.B, lam_b, name=f"{self.name}.B", **kw) \
+                if self.B is not None else None
             if len(self._heur) > 4:
                 self._heur.clear()
-            self._heur[damping] = (Bi, Ai)
-        return self._heur[damping]
+            self._heur[key] = (Bi, Ai)
+        return self._heur[key]
 
     def damped_dense(self, damping: float, damping_mode: str = "exact") -> Tensor:
         """The damped matrix itself (paper eqs 3–4): ``B⊗A + λI`` or ``(B+λ_B I)⊗(A+λ_A I)``."""

@@ -109,7 +109,7 @@ class CurvatureOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__}: parameters must be floating point")
         self.model = model
         self.layers: list[LayerAdapter] = find_layers(model, flat)
-        self.dtype, self.device = flat[0].dtype, flat[0].device
+        self._first = flat[0]
         self._names = {id(p): n for n, p in model.named_parameters()}
         group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         self.layer_groups: list[int] = []
@@ -134,6 +134,16 @@ class CurvatureOptimizer(Optimizer):
         self._step = 0
         self._hooks: list[Any] = []
         self._constructed = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype now (follows ``model.to(dtype)`` after construction)."""
+        return self._first.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device now (follows ``model.to(device)`` after construction)."""
+        return self._first.device
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -235,8 +245,8 @@ class CurvatureOptimizer(Optimizer):
                     out[id(p)] = g
                 elif buf is None:
                     out[id(p)] = g.detach().clone()
-                else:
-                    old.append(buf)
+                else:  # (a buffer from before model.to(dtype/device) follows the gradient)
+                    old.append(buf.to(g))
                     new.append(g.detach())
                     ids.append(id(p))
             if ids:  # out of place (new tensors), so saved states stay snapshots
@@ -256,13 +266,20 @@ class CurvatureOptimizer(Optimizer):
             mats.append(self.to_matrix(layer, ts))
         return mats
 
-    def layer_directions_to_params(self, directions: list[Tensor | None]) -> dict[int, Tensor]:
-        """Per-layer ``(d_out, d_in)`` directions -> ``id(p) -> direction`` shaped like ``p``."""
+    def layer_directions_to_params(self, directions: list[Tensor | None],
+                                   present: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
+        """Per-layer ``(d_out, d_in)`` directions -> ``id(p) -> direction`` shaped like ``p``.
+
+        With ``present`` (``id(p) -> vector``), parameters missing from it get no direction: as in
+        ``torch.optim``, a parameter whose ``.grad`` is ``None`` is not updated, even when its
+        layer-mate is (its zero block still enters the layer's preconditioned matrix).
+        """
         out: dict[int, Tensor] = {}
         for layer, D in zip(self.layers, directions):
             if D is not None:
                 for p, d in zip(self.layer_params(layer), self.from_matrix(layer, D)):
-                    out[id(p)] = d
+                    if present is None or id(p) in present:
+                        out[id(p)] = d
         return out
 
     def _apply(self, directions: dict[int, Tensor], bufs: dict[int, Tensor]) -> None:

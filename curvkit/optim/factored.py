@@ -113,7 +113,7 @@ class FactoredOptimizer(CurvatureOptimizer):
         model, params, defaults, generator, needs_generator: see :class:`CurvatureOptimizer`.
         ema_decay: ``m ∈ [0, 1)``.
         inv_period: ``T ≥ 1``.
-        ema_steps: ``S`` with ``1 ≤ S ≤ T``.
+        ema_steps: ``S`` with ``1 ≤ S ≤ T`` (``None``: ``S = T``).
         precondition_with: ``"previous"`` (Algorithm 1: precondition with the factors as they
             were before this batch) or ``"current"`` (fold this batch in first); module doc.
         keep_outputs: whether the layer recorder keeps the layer outputs (KFAC's extra backward).
@@ -129,7 +129,7 @@ class FactoredOptimizer(CurvatureOptimizer):
         *,
         ema_decay: float,
         inv_period: int,
-        ema_steps: int,
+        ema_steps: int | None,
         precondition_with: str = "previous",
         keep_outputs: bool = False,
         generator: torch.Generator | None = None,
@@ -138,7 +138,7 @@ class FactoredOptimizer(CurvatureOptimizer):
         owner = type(self).__name__
         self.ema_decay = check_unit_interval("ema_decay", ema_decay, owner)
         inv_period = check_int("inv_period", inv_period, owner)
-        ema_steps = check_int("ema_steps", ema_steps, owner)
+        ema_steps = inv_period if ema_steps is None else check_int("ema_steps", ema_steps, owner)
         if ema_steps > inv_period:
             raise ValueError(f"{owner}: ema_steps={ema_steps} > inv_period={inv_period}; Algorithm 1 "
                              "updates the factor EMAs during the S ≤ T steps before each inversion. "
@@ -227,8 +227,8 @@ class FactoredOptimizer(CurvatureOptimizer):
         for i, b in enumerate(batch):
             st = self._layer_state(i)
             # m X̄ + (1 − m) X as one lerp; exactly X when m = 0
-            ema.append({k: v if m == 0 else (1 - m) * v if k not in st else torch.lerp(st[k], v, 1 - m)
-                        for k, v in b.items()})
+            ema.append({k: v if m == 0 else (1 - m) * v if k not in st
+                        else torch.lerp(st[k].to(v), v, 1 - m) for k, v in b.items()})
         return ema, m * self._ema_weight + (1 - m)
 
     def _average_across_ranks(self, ema: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -311,7 +311,7 @@ class FactoredOptimizer(CurvatureOptimizer):
             for i, pieces in enumerate(plan.precond):
                 self._layer_state(i, write=True)["precond"] = pieces
             self.counts["inversions"] += 1
-        self._apply(self.layer_directions_to_params(plan.directions), plan.bufs)
+        self._apply(self.layer_directions_to_params(plan.directions, plan.bufs), plan.bufs)
         self._step = plan.t + 1
         self._reset_records()
         self._set_recording(self._records_at(self._step))
@@ -352,7 +352,7 @@ class FactoredOptimizer(CurvatureOptimizer):
             Tensors shaped like the parameters, in ``param_groups`` order.
         """
         plan = self._plan_or_undo(final=False)
-        return self._as_update(self.layer_directions_to_params(plan.directions))
+        return self._as_update(self.layer_directions_to_params(plan.directions, plan.bufs))
 
     # ------------------------------------------------------------------ initialisation (App. K)
     @torch.no_grad()

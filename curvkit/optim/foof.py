@@ -5,21 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from curvkit.linalg import Dense, Kronecker, SingularError
+from curvkit.linalg import Kronecker
+from curvkit.linalg.kronecker import KroneckerInverse
 from curvkit.optim.factored import FactoredOptimizer, location_gram
-
-
-def damped_inverse(S: Tensor, damping: float) -> Tensor:
-    """``(S + λI)⁻¹`` for a symmetric PSD ``S``, factorised in float64 (Cholesky; eigendecomposition
-    with clamped eigenvalues if Cholesky fails), returned in ``S``'s dtype."""
-    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-    try:
-        return Dense(S, name="FOOF factor").solve(eye, damping)
-    except SingularError:
-        return Kronecker(None, S, d_out=1, name="FOOF factor").solve_matrix(eye, damping, "exact")
 
 
 class FOOF(FactoredOptimizer):
@@ -32,7 +22,7 @@ class FOOF(FactoredOptimizer):
 
         Â_t  = (1/N) Σ_n Σ_t a_{nt} a_{nt}ᵀ                    (batch-mean input factor)
         Σ̄    ← m Σ̄ + (1 − m) Â_t,   w ← m w + (1 − m)           (statistics steps)
-        P    ← (Σ̄/w + λ I)⁻¹                                    (inversion steps, float64)
+        P    ← (Σ̄/w + λ I)⁻¹                                    (inversion steps)
         m_t  ← μ m_{t−1} + ∇_W L                                (raw gradient of the user's loss)
         W    ← W − η ω W − η m_t P                              (right multiplication, d_in × d_in)
 
@@ -56,7 +46,8 @@ class FOOF(FactoredOptimizer):
         damping: ``λ > 0`` (read at inversion steps).
         ema_decay: ``m ∈ [0, 1)``.
         inv_period: ``T ≥ 1``.
-        ema_steps: ``S``, ``1 ≤ S ≤ T``.
+        ema_steps: ``S``, ``1 ≤ S ≤ T``; default ``S = T`` (EMA updated every step, the
+            paper's choice for fully connected networks, App. K).
         momentum: ``μ ∈ [0, 1)``, heavy ball on the raw gradient before preconditioning.
         weight_decay: ``ω ≥ 0``, decoupled (``W ← W − η ω W``, outside the preconditioner).
         precondition_with: ``"previous"`` (default, Algorithm 1: ``P`` holds only batches before
@@ -87,7 +78,7 @@ class FOOF(FactoredOptimizer):
         damping: float = 1.0,
         ema_decay: float = 0.95,
         inv_period: int = 100,
-        ema_steps: int = 100,
+        ema_steps: int | None = None,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         *,
@@ -107,7 +98,11 @@ class FOOF(FactoredOptimizer):
         return out
 
     def _invert(self, i: int, factors: dict[str, Tensor], damping: float) -> dict[str, Any]:
-        return {"A_inv": damped_inverse(factors["A"], damping), "damping": damping}
+        """``(Â + λI)⁻¹`` of the operator ``I ⊗ Â`` (:meth:`curvkit.linalg.Kronecker.factorize`,
+        ``cholesky_inverse``; float32 only where the damped factor is well conditioned)."""
+        A = factors["A"]
+        K = Kronecker(None, A, d_out=self.layers[i].d_out, name=f"FOOF[{self.layers[i].name}]")
+        return K.factorize(damping, "exact", dtype=A.dtype, allow_float32=True).state_dict()
 
     def _precondition(self, i: int, pieces: dict[str, Any], M: Tensor, damping: float) -> Tensor:
-        return M @ pieces["A_inv"]
+        return KroneckerInverse.from_state_dict(pieces).solve_matrix(M)

@@ -3,6 +3,7 @@ App. D.9 variant "FOOF with λ_A from KFAC" as a trainable direction."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,9 +13,14 @@ from torch import Tensor, nn
 from curvkit.capture.optim_hooks import ErrorRecorder
 from curvkit.capture.targets import LIKELIHOODS, check_choice
 from curvkit.linalg import Kronecker
+from curvkit.linalg.kronecker import KroneckerInverse
 from curvkit.optim.factored import FactoredOptimizer, Plan, location_gram, norm_ratio
 
-DAMPING_MODES = ("heuristic", "standard")
+#: KFAC's damping modes: the paper's heuristic (factored Tikhonov, eq 2) and the exact ("standard")
+#: damping ``(B̂ ⊗ Â + λI)⁻¹`` (eq 3); the name ``"exact"`` is the one every curvkit solve uses.
+DAMPING_MODES = ("heuristic", "exact")
+#: Deprecated spellings of :data:`DAMPING_MODES` entries.
+DAMPING_ALIASES = {"standard": "exact"}
 KFAC_KINDS = ("mc", "exact")
 VARIANTS = ("kfac", "foof")
 RESCALES = (None, "lambda_b", "norm")
@@ -43,13 +49,16 @@ class KFAC(FactoredOptimizer):
         Â = Ā/w, B̂ = B̄/w                                                  (normalised EMA)
         heuristic:  ΔW = −η (B̂ + λ_B I)⁻¹ M (Â + λ_A I)⁻¹,
                     π = sqrt((tr Â/d_in)/(tr B̂/d_out)), λ_A = π√λ, λ_B = √λ/π   (eq 2)
-        standard:   ΔW = −η U_B [(U_Bᵀ M U_A) ⊘ (s_B s_Aᵀ + λ)] U_Aᵀ  = −η mat((B̂⊗Â + λI)⁻¹ vec M)
+        exact:      ΔW = −η U_B [(U_Bᵀ M U_A) ⊘ (s_B s_Aᵀ + λ)] U_Aᵀ  = −η mat((B̂⊗Â + λI)⁻¹ vec M)
 
-    with ``M = μ M_prev + ∇_W L`` and ``Â = U_A diag(s_A) U_Aᵀ``, ``B̂ = U_B diag(s_B) U_Bᵀ`` (the
-    corrected §5.4 formula), plus the decoupled weight decay ``−η ω W``. ``T`` is the number of
-    locations (1 for a dense layer): for convolutions this is the KFC convention (Grosse & Martens
-    2016), ``B̂ ⊗ Â ≈ Fisher block`` under spatial homogeneity. Factorisations are float64 (Cholesky
-    or eigh via :class:`curvkit.linalg.Kronecker`). Heuristic damping is fixed at inversion time;
+    with ``M = μ M_prev + ∇_W L`` and ``Â = U_A diag(s_A) U_Aᵀ``, ``B̂ = U_B diag(s_B) U_Bᵀ`` (paper
+    eq 3 through eigendecompositions, footnote 2; the public code transposes the B-side basis),
+    plus the decoupled weight decay ``−η ω W``. ``T`` is the number of locations (1 for a dense
+    layer): for convolutions this is the KFC convention (Grosse & Martens 2016), ``B̂ ⊗ Â ≈ Fisher
+    block`` under spatial homogeneity. The inverses are held as a factorised
+    :class:`curvkit.linalg.Kronecker` inverse (:meth:`~curvkit.linalg.Kronecker.factorize`:
+    ``cholesky_inverse`` of the damped factors, in float32 only where the damped factor is well
+    conditioned, eigendecompositions in float64). Heuristic damping is fixed at inversion time;
     standard damping is applied each step with the current ``λ``.
 
     The sampled-label errors come from an extra backward pass the optimizer arranges itself: a
@@ -81,7 +90,8 @@ class KFAC(FactoredOptimizer):
         likelihood: ``"classification"`` (softmax on logits), ``"regression"`` (unit-variance
             Gaussian) or ``"binary"`` (Bernoulli on logits).
         kind: ``"mc"`` (one sampled label per input, the paper's default) or ``"exact"``.
-        damping_mode: ``"heuristic"`` (eq 2, the paper's default) or ``"standard"``.
+        damping_mode: ``"heuristic"`` (eq 2, the paper's default) or ``"exact"`` (standard
+            damping, eq 3; ``"standard"`` is a deprecated alias).
         variant: the direction :meth:`step` follows: ``"kfac"`` or ``"foof"`` (App. D.9).
         rescale: with ``variant="foof"``: ``None``, ``"lambda_b"`` or ``"norm"`` (see above).
         precondition_with: ``"previous"`` (default, Algorithm 1) or ``"current"``; see
@@ -111,7 +121,7 @@ class KFAC(FactoredOptimizer):
         damping_mode: str = "heuristic",
         ema_decay: float = 0.95,
         inv_period: int = 100,
-        ema_steps: int = 100,
+        ema_steps: int | None = None,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         generator: torch.Generator | None = None,
@@ -126,6 +136,11 @@ class KFAC(FactoredOptimizer):
             raise ValueError("KFAC: kind='empirical' needs the data labels, which the model's forward "
                              "pass never sees; supported kinds: 'mc', 'exact'")
         check_choice(kind, KFAC_KINDS, "kind")
+        if damping_mode in DAMPING_ALIASES:
+            warnings.warn(f"KFAC: damping_mode={damping_mode!r} is deprecated; use "
+                          f"damping_mode={DAMPING_ALIASES[damping_mode]!r} (the same standard "
+                          "damping, paper eq 3)", DeprecationWarning, stacklevel=2)
+            damping_mode = DAMPING_ALIASES[damping_mode]
         check_choice(damping_mode, DAMPING_MODES, "damping_mode")
         check_variant(variant, rescale)
         self.variant, self.rescale = variant, rescale
@@ -180,31 +195,19 @@ class KFAC(FactoredOptimizer):
 
     # ------------------------------------------------------------------ inversion and products
     def _invert(self, i: int, factors: dict[str, Tensor], damping: float) -> dict[str, Any]:
-        dt = self.dtype
-        K = Kronecker(factors["B"], factors["A"], name=f"KFAC[{self.layers[i].name}]")
-        lam_a, lam_b = K.damping_split(damping)
-        pieces: dict[str, Any] = {"damping": damping, "lambda_A": lam_a, "lambda_B": lam_b}
-        if self.damping_mode == "heuristic":
-            B_inv, A_inv = K.heuristic_inverses(damping)
-            pieces.update(A_inv=A_inv.to(dt), B_inv=B_inv.to(dt))
-        else:
-            sA, UA, sB, UB = K.eig()
-            pieces.update(s_A=sA.to(dt), U_A=UA.to(dt), s_B=sB.to(dt), U_B=UB.to(dt))
-        return pieces
+        """The factorised damped inverse of ``B̂ ⊗ Â`` (:meth:`curvkit.linalg.Kronecker.factorize`)
+        as plain tensors, in the factors' dtype (which follows ``model.to(dtype)``)."""
+        A = factors["A"]
+        K = Kronecker(factors["B"], A, name=f"KFAC[{self.layers[i].name}]")
+        return K.factorize(damping, self.damping_mode, dtype=A.dtype, allow_float32=True).state_dict()
 
     def _precondition(self, i: int, pieces: dict[str, Any], M: Tensor, damping: float) -> Tensor:
-        if self.damping_mode == "heuristic":
-            return pieces["B_inv"] @ M @ pieces["A_inv"]
-        UA, UB = pieces["U_A"], pieces["U_B"]
-        denom = pieces["s_B"][:, None] * pieces["s_A"][None, :] + damping
-        return UB @ ((UB.T @ M @ UA) / denom) @ UA.T
+        inv = KroneckerInverse.from_state_dict(pieces)  # heuristic: λ fixed at inversion time
+        return inv.solve_matrix(M, None if inv.fixed_damping else damping)
 
     def _foof_inverse(self, pieces: dict[str, Any]) -> Tensor:
         """``(Â + λ_A I)⁻¹`` with KFAC's ``λ_A`` (D.9)."""
-        if "A_inv" in pieces:
-            return pieces["A_inv"]
-        UA = pieces["U_A"]
-        return (UA / (pieces["s_A"] + pieces["lambda_A"])) @ UA.T
+        return KroneckerInverse.from_state_dict(pieces).input_inverse()
 
     def _directions(self, plan: Plan, variant: str = "kfac", rescale: str | None = None
                     ) -> list[Tensor | None]:
@@ -217,7 +220,7 @@ class KFAC(FactoredOptimizer):
                 out.append(None)
                 continue
             pieces = self._pieces(plan, i)
-            F = M @ self._foof_inverse(pieces)
+            F = M @ self._foof_inverse(pieces).to(M)
             if rescale == "lambda_b":
                 F = F / pieces["lambda_B"]
             elif rescale == "norm":
@@ -249,4 +252,4 @@ class KFAC(FactoredOptimizer):
             variant, rescale = self.variant, self.rescale
         check_variant(variant, rescale)
         plan = self._plan_or_undo(final=False, variant=variant, rescale=rescale)
-        return self._as_update(self.layer_directions_to_params(plan.directions))
+        return self._as_update(self.layer_directions_to_params(plan.directions, plan.bufs))
