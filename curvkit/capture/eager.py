@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["eager_module", "is_compiled"]
+__all__ = ["eager_module", "check_eager", "is_compiled"]
 
 
 def is_compiled(module: nn.Module) -> bool:
@@ -41,3 +41,21 @@ def eager_module(model: nn.Module, owner: str = "curvkit") -> nn.Module:
                 "like: curvkit then uses model._orig_mod), or compile after building curvature."
             )
     return model
+
+
+def check_eager(model: nn.Module, owner: str) -> None:
+    """Refuse a compiled model for hook-based optimizers (their hooks watch the user's own
+    forward passes, which a compiled graph runs without them).
+
+    Raises:
+        TypeError: ``model`` or a submodule is compiled; the message says what to do.
+    """
+    for name, m in model.named_modules():
+        if is_compiled(m):
+            raise TypeError(
+                f"{owner}: module '{name or '<model>'}' ({type(m).__name__}) is compiled "
+                "(torch.compile / module.compile()); the optimizer records layer inputs and "
+                "errors with hooks during your forward passes, which compiled graphs do not run "
+                "reliably. Construct the optimizer with the eager model and train the eager "
+                "model (model._orig_mod of a torch.compile wrapper)."
+            )

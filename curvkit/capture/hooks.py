@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from curvkit.capture.guard import CheckSchedule, verify_capture
 from curvkit.capture.layers import LayerAdapter
 
 
@@ -214,24 +215,37 @@ class Recorder:
         keep_outputs: also keep output tensors (for an extra backward pass, e.g. KFAC).
         model: the whole model. When given, a forward pre-hook on it starts a fresh record at
             each top-level forward, so several uses of a layer within one forward are all
-            recorded (weight sharing). Without it the latest call of a layer wins.
+            recorded (weight sharing), and a forward hook runs the capture guard
+            (:func:`~curvkit.capture.guard.verify_capture` with one random output seed per
+            input, one extra backward) on the first recorded forward and whenever the module
+            structure changed (:class:`~curvkit.capture.guard.CheckSchedule`). Without it the
+            latest call of a layer wins and nothing is checked.
+        check: run the guard (with ``model``).
 
     Hooks are removed by :meth:`remove`, and automatically when the recorder is collected.
     Only forwards with gradients enabled are recorded (recomputations in a backward pass are
     not).
+
+    Raises:
+        CaptureMismatchError: from the model's forward, when the guard finds a layer whose
+            recorded inputs/errors do not reproduce autograd.
     """
 
     def __init__(self, layers: Sequence[LayerAdapter], keep_outputs: bool = False,
-                 model: nn.Module | None = None) -> None:
+                 model: nn.Module | None = None, check: bool = True) -> None:
         self.layers = list(layers)
         self.keep_outputs = keep_outputs
         self.enabled = True
         self.records = Records.empty(len(self.layers))
         self._per_forward = model is not None
+        self.schedule = CheckSchedule(model, enabled=check) if model is not None else None
+        self._checking = False
+        self._in_forward = False
         ref = weakref.ref(self)
         self._handles = register(self.layers, lambda i, layer: _persistent_hook(ref, i))
         if model is not None:
             self._handles.append(model.register_forward_pre_hook(_start_hook(ref, model)))
+            self._handles.append(model.register_forward_hook(_guard_hook(ref, model)))
         self._finalizer = weakref.finalize(self, _remove_handles, list(self._handles))
 
     def reset(self) -> None:
@@ -259,6 +273,41 @@ def _start_hook(ref, model: nn.Module):
         self = ref()
         if _recording(self) and module is model_ref():
             self.reset()
+            self._in_forward = True
+            self._checking = self.schedule is not None and self.schedule.due()
+
+    return hook
+
+
+def _guard_hook(ref, model: nn.Module):
+    model_ref = weakref.ref(model)
+
+    def hook(module: nn.Module, args: tuple, output) -> None:
+        self = ref()
+        if self is None or module is not model_ref():
+            return
+        self._in_forward = False
+        if not _recording(self) or not self._checking:
+            return
+        self._checking = False
+        rec = self.records
+        out = getattr(output, "logits", output)
+        if not isinstance(out, Tensor) or not out.requires_grad or out.dim() == 0 \
+                or any(o is None for o in rec.outputs):
+            return  # nothing to check against (the optimizer reports missing layers itself)
+        flat = out.reshape(out.shape[0], -1)
+        if not bool(torch.isfinite(flat.detach()).all()):
+            return  # the optimizer refuses the step with its own message
+        gen = torch.Generator(device=flat.device).manual_seed(0)
+        seeds = torch.randn(flat.shape[0], 1, flat.shape[1], generator=gen, device=flat.device,
+                            dtype=flat.dtype)
+        errors = layer_errors(flat, rec, self.layers, seeds)
+        verify_capture(self.layers, rec.inputs, errors, flat, seeds, retain_graph=True,
+                       per_sample=not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                          and m.training for m in module.modules()))
+        if not self.keep_outputs:
+            rec.outputs = [None] * len(self.layers)
+        self.schedule.passed()
 
     return hook
 
@@ -271,10 +320,11 @@ def _persistent_hook(ref, i: int):
         layer = self.layers[i]
         if all(module is not m for m in layer.modules):  # a deepcopy carries the hook along
             return None
-        if not self._per_forward:  # the latest forward call wins
+        if not (self._per_forward and self._in_forward):  # outside a model forward: latest wins
             self.records.inputs[i], self.records.outputs[i] = None, None
             self.records.calls[i], self.records._watch[i] = 0, []
-        return _add_use(self.records, i, layer, module, args, output, self.keep_outputs)
+        return _add_use(self.records, i, layer, module, args, output,
+                        self.keep_outputs or self._checking)
 
     return hook
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvkit.capture import LayerAdapter, find_layers
+from curvkit.capture.eager import check_eager
 
 #: Per-group hyperparameters every curvkit optimizer accepts.
 GROUP_KEYS = ("lr", "damping", "momentum", "weight_decay")
@@ -97,6 +98,7 @@ class CurvatureOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__} needs the model (an nn.Module) as its first "
                             f"argument, got {type(model).__name__}")
         self._constructed = False
+        check_eager(model, type(self).__name__)  # issue 10: compiled models are refused
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, defaults)

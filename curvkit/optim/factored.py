@@ -149,7 +149,7 @@ class FactoredOptimizer(CurvatureOptimizer):
         self.precondition_with = precondition_with
         self.schedule = Schedule(inv_period, ema_steps, precondition_with)
         super().__init__(model, params, defaults, generator=generator, needs_generator=needs_generator)
-        self.recorder = Recorder(self.layers, keep_outputs=keep_outputs)
+        self.recorder = Recorder(self.layers, keep_outputs=keep_outputs, model=model)  # + guard
         self._hooks.append(self.recorder)
         self._ema_weight = 0.0
         self.counts = {"ema_updates": 0, "inversions": 0}

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.capture import KINDS, LIKELIHOODS, find_layers
+from curvkit.capture.guard import CheckSchedule
 from curvkit.capture.optim_hooks import InputRecorder
 from curvkit.capture.targets import check_choice
 from curvkit.curvature import Curvature, fisher
@@ -121,6 +122,7 @@ class NaturalGradient(CurvatureOptimizer):
             raise ValueError(self._damping_message())
         self.inputs = InputRecorder(model)
         self._hooks.append(self.inputs)
+        self._check = CheckSchedule(model)  # capture guard: first build, structure changes
         self._loader = fisher_loader
         self._loader_iter: Iterator[Any] | None = None
         self._fishers: list[Curvature] | None = None
@@ -193,9 +195,12 @@ class NaturalGradient(CurvatureOptimizer):
         was = self.inputs.enabled
         self.inputs.enabled = False
         try:
-            return [fisher(self.model, x, y, likelihood=self.likelihood, kind=self.kind,
-                                   structure=self.structure, generator=self.generator, params=ps)
-                    for ps in self._fisher_sets()]
+            check = self._check.due()
+            out = [fisher(self.model, x, y, likelihood=self.likelihood, kind=self.kind,
+                          structure=self.structure, generator=self.generator, params=ps,
+                          check=check) for ps in self._fisher_sets()]
+            self._check.passed()
+            return out
         finally:
             self.inputs.enabled = was
 
