@@ -102,7 +102,7 @@ def _kfac_reference(model, x, layers):
 
         def f_delta(deltas, xi, mods=mods):
             it = iter(deltas)
-            hs = [m.register_forward_hook(lambda m, a, o, it=it: o + next(it)) for m in mods]
+            hs = [m.register_forward_hook(lambda _m, _a, out, it=it: out + next(it)) for m in mods]
             try:
                 return model(xi.unsqueeze(0)).squeeze(0)
             finally:
