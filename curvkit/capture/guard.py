@@ -13,13 +13,15 @@ sides per layer and raises :class:`CaptureMismatchError` naming the layer when t
 more than rounding: with ``ε`` the unit roundoff of the computation (float32 matmuls in TF32 or
 bfloat16 count as such), a layer fails when
 
-    ‖U w − ∇‖_F  >  √ε ‖∇‖_F + 64 ε Σ_m |w_m| Σ_t ‖e_{mt}‖ ‖a_{nt}‖
+    ‖Pᵀ(U w − ∇)Q‖_F  >  √ε ‖Pᵀ∇Q‖_F + 64 ε K Σ_m |w_m| Σ_t ‖e_{mt}‖ ‖a_{nt}‖
 
-(the second term bounds the rounding of the sums). Anything a rule does not see breaks the
-identity: a subclass with its own forward, a forward hook changing the layer's input or output,
-an in-place change of a recorded tensor, a parameter also used outside the layer, a wrong batch
-dimension. Its cost is one backward to the parameters and one ``d_out × d_in`` product per
-layer; no ``P × M`` matrix is formed.
+with random Gaussian ``P`` (``d_out × K``), ``Q`` (``d_in × K``), ``K = 8`` (a nonzero difference
+survives the projection with probability one; ``E‖PᵀXQ‖_F = O(K‖X‖_F)``, so the reported ratio
+estimates ``‖U w − ∇‖/‖∇‖``); the second term bounds the rounding of the sums. Anything a
+rule does not see breaks the identity: a subclass with its own forward, a forward hook changing
+the layer's input or output, an in-place change of a recorded tensor, a parameter also used
+outside the layer, a wrong batch dimension. Its cost is one backward to the parameters plus
+``O(N T (d_in + d_out) K)`` per layer; no ``P × M`` matrix is formed.
 
 :class:`CheckSchedule` tells optimizers when to check: at the first factor update and whenever
 the model's module structure (:func:`structure_signature`) has changed since the last check.
@@ -40,6 +42,7 @@ __all__ = ["CaptureMismatchError", "verify_capture", "guard_tolerance", "structu
            "CheckSchedule", "layer_params"]
 
 _SEED = 0x5EED
+_PROBES = 8  # random projections per layer
 
 
 class CaptureMismatchError(RuntimeError):
@@ -119,7 +122,7 @@ def verify_capture(
             (train-mode BatchNorm), whose errors are not per-sample.
 
     Returns:
-        ``{layer name: relative error ‖U w − ∇‖ / ‖∇‖}`` (``0`` where both are zero).
+        ``{layer name: relative error ‖Pᵀ(U w − ∇)Q‖ / ‖Pᵀ∇Q‖}`` (``0`` where both are zero).
 
     Raises:
         CaptureMismatchError: a layer's captured factors do not reproduce autograd; the message
@@ -145,12 +148,17 @@ def verify_capture(
                 f"(N·R={N * R}, T, d_out). " + _hint(layer))
         T = al.shape[1]
         ew = (el.reshape(N, R, T, -1) * w[:, :, None, None].to(el.dtype)).sum(1)  # (N, T, o)
-        Uw = torch.einsum("nto,ntd->od", ew, al)
-        g = _layer_grad(layer, grads).to(Uw.dtype)
-        bound = (w.abs().to(el.dtype)[:, :, None] * torch.linalg.vector_norm(el, dim=-1)
-                 .reshape(N, R, T) * torch.linalg.vector_norm(al, dim=-1)[:, None, :]).sum()
-        err = float(torch.linalg.vector_norm(Uw - g))
-        ref = float(torch.linalg.vector_norm(g))
+        g = _layer_grad(layer, grads).to(ew.dtype)
+        # compare both sides through K random projections Pᵀ(·)Q (o×K, d×K): Pᵀ U w Q costs
+        # O(N T (o + d) K) instead of the d_out × d_in product; any difference survives a.s.
+        P = torch.randn(g.shape[0], _PROBES, generator=gen, device=g.device, dtype=g.dtype)
+        Q = torch.randn(g.shape[1], _PROBES, generator=gen, device=g.device, dtype=g.dtype)
+        UwP = (ew.reshape(N * T, -1) @ P).T @ (al.reshape(N * T, -1) @ Q)  # Pᵀ (U w) Q
+        gP = P.T @ g @ Q
+        bound = _PROBES * (w.abs().to(el.dtype)[:, :, None] * torch.linalg.vector_norm(
+            el, dim=-1).reshape(N, R, T) * torch.linalg.vector_norm(al, dim=-1)[:, None, :]).sum()
+        err = float(torch.linalg.vector_norm(UwP - gP))
+        ref = float(torch.linalg.vector_norm(gP))
         rel = err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
         report[layer.name] = rel
         if not math.isfinite(err) or err > rel_tol * ref + abs_tol * float(bound):
