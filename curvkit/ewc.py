@@ -282,10 +282,11 @@ class EWC:
 
     def consolidate(
         self,
-        inputs: Tensor,
+        inputs,
         targets: Tensor | None = None,
         *,
         likelihood: str | None = None,
+        progress: bool | None = None,
     ) -> None:
         """Store ``θ*`` and the Fisher of ``(inputs, targets)`` at the current parameters.
 
@@ -296,9 +297,14 @@ class EWC:
         Put the model in ``eval()`` mode first if it has dropout / batch-norm.
 
         Args:
-            inputs: the consolidation batch ``(N, ...)``.
-            targets: data labels (needed for ``kind="empirical"``).
+            inputs: the consolidation batch ``(N, ...)`` (tensor, tuple or dict as in
+                :func:`curvkit.fisher`), or an iterable of batches (a ``DataLoader``): then
+                ``F_t`` is the Fisher of the union of all batches (all ``N`` data; with
+                ``torch.distributed`` the union of every rank's shard).
+            targets: data labels (needed for ``kind="empirical"``); with an iterable, in its
+                batches.
             likelihood: overrides the likelihood given at construction.
+            progress: tqdm progress bar over an iterable of batches (default on).
 
         Raises:
             FloatingPointError: non-finite parameters, inputs or Fisher factors.
@@ -317,7 +323,7 @@ class EWC:
             raise FloatingPointError("EWC.consolidate: inputs have non-finite values (nan/inf)")
         F = fisher(self.model, inputs, targets, likelihood=likelihood, kind=self.kind,
                    structure=self.structure, mc_samples=self.mc_samples, generator=self.generator,
-                   params=params)
+                   params=params, progress=progress)
         specs = [
             _LayerSpec(l.name, l.weight, l.bias, l.d_out, l.d_in, tuple(l.module.weight.shape))
             for l in F.layers
@@ -353,7 +359,7 @@ class EWC:
         self.num_tasks += 1
 
     def _make_term(self, F) -> _Term:
-        if self.structure == "full":
+        if self.structure == "full" and F.captured is not None:
             cap = F.captured
             factors = []
             for layer, a, e in zip(F.layers, cap.a, cap.e):

@@ -42,11 +42,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvkit.capture import KINDS, LIKELIHOODS, loss_gradient
+from curvkit.capture import KINDS, LIKELIHOODS, forward, loss_gradient
 from curvkit.capture.targets import check_choice, check_outputs, check_targets
 from curvkit.curvature import Curvature, fisher
 from curvkit.curvature import structures as registered_structures
-from curvkit.curvature.kfac import KroneckerBlockDiagonal, input_factor
+from curvkit.curvature.data import is_single_batch, iter_batches
+from curvkit.curvature.kfac import KroneckerBlockDiagonal, factors_of, input_factor
 from curvkit.linalg import available_memory_bytes
 
 __all__ = ["compare", "ValidationReport", "Row", "REFERENCES"]
@@ -178,20 +179,25 @@ def _check_args(reference: str, damping: float, structs: tuple[str, ...], likeli
         raise ValueError(f"unknown structures {unknown}; registered: {list(registered_structures())}")
 
 
-def _gradient(model: nn.Module, inputs: Tensor, targets: Tensor, likelihood: str,
-              params: list[nn.Parameter]) -> Tensor:
-    """``∇L`` of ``L = (1/N) Σ_n −log p(y_n|x_n)``, flat in ``params`` order."""
-    with torch.enable_grad():
-        outputs = model(inputs)
-        if not isinstance(outputs, Tensor):
-            raise TypeError(f"the model must return a Tensor, got {type(outputs).__name__}")
-        check_outputs(outputs, likelihood)
-        check_targets(outputs, targets, likelihood)
-        seed = loss_gradient(outputs, targets, likelihood) / outputs.shape[0]
-        grads = torch.autograd.grad(outputs, params, grad_outputs=seed.to(outputs.dtype),
-                                    allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, params)]).detach()
+def _gradient(model: nn.Module, inputs, targets: Tensor | None, likelihood: str,
+              params: list[nn.Parameter], num_data: int) -> Tensor:
+    """``∇L`` of ``L = (1/N) Σ_n −log p(y_n|x_n)`` over one batch or all batches, flat."""
+    total = None
+    for b in iter_batches(inputs, targets, progress=False):
+        if b.targets is None:
+            raise ValueError("compare needs the data targets to form the gradient ∇L: pass "
+                             "targets=... (or (x, y) batches)")
+        with torch.enable_grad():
+            outputs = forward(model, b.inputs)
+            check_outputs(outputs, likelihood)
+            check_targets(outputs, b.targets, likelihood)
+            seed = loss_gradient(outputs, b.targets, likelihood) / num_data
+            grads = torch.autograd.grad(outputs, params, grad_outputs=seed.to(outputs.dtype),
+                                        allow_unused=True)
+        g = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                       for g, p in zip(grads, params)]).detach()
+        total = g if total is None else total + g
+    return total
 
 
 def _layer_blocks(F: Curvature, x: Tensor) -> list[Tensor]:
@@ -241,7 +247,7 @@ def _rel_frobenius(D: Tensor, ref: Tensor) -> float:
 def compare(
     model: nn.Module,
     inputs: Tensor,
-    targets: Tensor,
+    targets: Tensor | None = None,
     likelihood: str = "classification",
     kind: str = "exact",
     structures: Sequence[str] | str = DEFAULT_STRUCTURES,
@@ -251,14 +257,19 @@ def compare(
     *,
     mc_samples: int = 1,
     params: Sequence[nn.Parameter] | None = None,
+    progress: bool | None = None,
 ) -> ValidationReport:
     """Compare curvature structures with the exact damped Fisher on one batch.
 
     Args:
         model: the network (supported layers: ``nn.Linear``, ``nn.Conv2d``); put BatchNorm /
             Dropout models in eval mode first.
-        inputs: the batch (``N`` inputs).
-        targets: the data labels (for the gradient ``∇L``, and for ``kind="empirical"``).
+        inputs: the batch (``N`` inputs; tensor, tuple or dict as in :func:`curvkit.fisher`), or
+            an iterable of ``(x, y)`` batches (a ``DataLoader``): then every structure is the
+            Fisher of the union and ``∇L`` the mean gradient over all data (the iterable is
+            passed over once per structure, so it must be re-iterable).
+        targets: the data labels (for the gradient ``∇L``, and for ``kind="empirical"``); with
+            an iterable, in its batches.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         kind: the Fisher kind of the reference and of every structure.
         structures: registered structure names; ``"kfac"`` is reported for both damping modes.
@@ -270,6 +281,7 @@ def compare(
             the global RNG and the seed is recorded in ``settings["mc_seed"]``.
         mc_samples: MC samples per input for ``kind="mc"``.
         params: parameters to compare on (default: all with ``requires_grad``).
+        progress: tqdm progress bars over an iterable of batches (default on).
 
     Returns:
         A :class:`ValidationReport`.
@@ -281,7 +293,7 @@ def compare(
     """
     structs = (structures,) if isinstance(structures, str) else tuple(structures)
     _check_args(reference, damping, structs, likelihood, kind)
-    if targets is None:
+    if targets is None and is_single_batch(inputs) and not isinstance(inputs, (tuple, list, dict)):
         raise ValueError("compare needs the data targets to form the gradient ∇L: pass targets=...")
     damping = float(damping)
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -291,7 +303,7 @@ def compare(
     if kind == "mc":
         if generator is None:
             mc_seed = int(torch.randint(0, 2**62, (1,)))
-            generator = torch.Generator(device=inputs.device).manual_seed(mc_seed)
+            generator = torch.Generator(device=params[0].device).manual_seed(mc_seed)
         state = generator.get_state()
 
     def fresh_generator() -> torch.Generator | None:
@@ -303,11 +315,11 @@ def compare(
 
     def build(structure: str, gen: torch.Generator | None) -> Curvature:
         return fisher(model, inputs, targets, likelihood=likelihood, kind=kind, structure=structure,
-                      mc_samples=mc_samples, generator=gen, params=params)
+                      mc_samples=mc_samples, generator=gen, params=params, progress=progress)
 
     F = build("full", generator)
     P = F.shape[0]
-    grad = _gradient(model, inputs, targets, likelihood, F.params)
+    grad = _gradient(model, inputs, targets, likelihood, F.params, F.num_data)
     if reference == "explicit":
         need = 3 * P * P * 8
         if need > 0.9 * available_memory_bytes(F.device):
@@ -321,7 +333,10 @@ def compare(
     else:
         D_ref = None
         x_ref = F.solve(grad, damping).to(torch.float64)
-    A = [input_factor(a.to(torch.float64)) for a in F.captured.a]
+    if F.captured is not None:
+        A = [input_factor(a.to(torch.float64)) for a in F.captured.a]
+    else:  # the union over batches took the primal route: Â from the (exact) union FOOF factors
+        A = [a.to(torch.float64) for a in factors_of(build("foof", None)).A]
     V_ref = _layer_blocks(F, x_ref)
 
     rows: list[Row] = []
@@ -363,7 +378,7 @@ def compare(
     baseline = {"direction_cosine": _cos(grad.to(torch.float64), x_ref),
                 "cosine_A": float(sum(per) / len(per))}
     settings = {
-        "kind": kind, "likelihood": likelihood, "num_data": int(inputs.shape[0]), "num_params": P,
+        "kind": kind, "likelihood": likelihood, "num_data": F.num_data, "num_params": P,
         "num_layers": len(F.layers), "damping": damping, "reference": reference,
         "mc_samples": mc_samples if kind == "mc" else None, "mc_seed": mc_seed,
         "dtype": str(F.dtype).replace("torch.", ""), "structures": list(structs),

@@ -40,8 +40,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvkit.capture import LABEL_KEY, batch_size, forward, slice_inputs
 from curvkit.capture.targets import check_targets
 from curvkit.curvature import Curvature, fisher
+from curvkit.curvature import distributed as dd
+from curvkit.curvature.data import is_single_batch, iter_batches
 from curvkit.laplace.blocks import LowRankBlock
 from curvkit.laplace.engines import (
     Engine,
@@ -80,8 +83,15 @@ class LaplacePosterior:
     Args:
         model: the trained network (``θ_MAP`` = its current parameters); supported layers only
             (``nn.Linear``, ``nn.Conv2d``) among the trainable ones.
-        inputs: the Fisher batch, ``N ≥ 1`` inputs (a subsample of the training set is fine).
-        targets: its labels (needed for the evidence and ``kind="empirical"``).
+        inputs: the Fisher data: one batch, ``N ≥ 1`` inputs (a subsample of the training set
+            is fine; a tensor, tuple or dict, see :func:`curvkit.fisher`), or an iterable of
+            batches such as ``train_loader`` -- then ``F`` is the Fisher of the union of all
+            batches (:mod:`curvkit.curvature.data`), ``N`` their total, and the evidence makes a
+            second pass over the data (pass a re-iterable: a ``DataLoader`` or a list). With an
+            initialised ``torch.distributed`` group each rank passes its shard and every rank
+            gets the posterior of the union.
+        targets: its labels (needed for the evidence and ``kind="empirical"``); with an
+            iterable, each batch carries its labels (``(x, y)`` tuples or dicts with ``"labels"``).
         likelihood: ``"classification"`` (softmax), ``"regression"`` (Gaussian, unit variance)
             or ``"binary"`` (Bernoulli on logits).
         kind: Fisher kind, ``"exact"`` (GGN, all labels), ``"mc"`` (sampled labels, needs
@@ -99,6 +109,11 @@ class LaplacePosterior:
         params: the parameters to treat as random (default: all with ``requires_grad``).
         curvature: a prebuilt :class:`~curvkit.curvature.Curvature` on this batch to reuse
             (then ``kind``/``structure`` are taken from it).
+        output_fn: maps the model output to the logits (default: the tensor or its ``.logits``).
+        label_key: dict key of the labels in dict batches.
+        progress: tqdm progress bars over iterables of batches (default on; ``False`` off).
+        fisher_options: further options of :func:`curvkit.fisher` for iterables, e.g.
+            ``{"column_budget_gb": 8, "subsample": 5000, "subsample_generator": g}``.
 
     Raises:
         ValueError: empty batch, non-positive or mis-shaped prior precision, bad ``num_data``,
@@ -124,13 +139,17 @@ class LaplacePosterior:
         generator: torch.Generator | None = None,
         params: Sequence[nn.Parameter] | None = None,
         curvature: Curvature | None = None,
+        output_fn=None,
+        label_key: str = LABEL_KEY,
+        progress: bool | None = None,
+        fisher_options: dict | None = None,
     ) -> None:
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"inputs must be a Tensor, got {type(inputs).__name__}")
-        if inputs.dim() == 0 or inputs.shape[0] == 0:
+        single = is_single_batch(inputs)
+        if isinstance(inputs, Tensor) and (inputs.dim() == 0 or inputs.shape[0] == 0):
             raise ValueError("LaplacePosterior: the batch is empty (inputs.shape[0] == 0); pass at "
                              "least one input to build the Fisher on")
-        if targets is not None and (not isinstance(targets, Tensor) or targets.shape[0] != inputs.shape[0]):
+        if isinstance(inputs, Tensor) and targets is not None and (
+                not isinstance(targets, Tensor) or targets.shape[0] != inputs.shape[0]):
             got = targets.shape[0] if isinstance(targets, Tensor) else type(targets).__name__
             raise ValueError(f"targets must be a Tensor with {inputs.shape[0]} rows (one per input), "
                              f"got {got}")
@@ -138,17 +157,23 @@ class LaplacePosterior:
             raise ValueError(f"route must be 'auto', 'dual' or 'primal', got {route!r}")
         if reduce_rank not in ("auto", True, False):
             raise ValueError(f"reduce_rank must be 'auto', True or False, got {reduce_rank!r}")
-        N = int(inputs.shape[0])
-        if num_data is None:
-            num_data = N
-        if isinstance(num_data, bool) or not isinstance(num_data, (int, np.integer)) or num_data < 1:
+        if num_data is not None and (isinstance(num_data, bool)
+                                     or not isinstance(num_data, (int, np.integer)) or num_data < 1):
             raise ValueError(f"num_data must be a positive int (the training-set size), got {num_data!r}")
         if curvature is None:
+            opts = dict(fisher_options or {})
+            if not single and structure in LOWRANK_STRUCTURES and route != "auto":
+                opts.setdefault("route", route)
             curvature = fisher(model, inputs, targets, likelihood=likelihood, kind=kind,
                                structure=structure, mc_samples=mc_samples, generator=generator,
-                               params=params)
+                               params=params, output_fn=output_fn, label_key=label_key,
+                               progress=progress, **opts)
         elif not isinstance(curvature, Curvature):
             raise TypeError(f"curvature must be a curvkit Curvature, got {type(curvature).__name__}")
+        N = int(curvature.num_data)
+        if num_data is None:
+            num_data = int(curvature.info.get("num_seen", N))
+        self.output_fn, self.label_key, self.progress = output_fn, label_key, progress
         self.model, self.inputs, self.targets = model, inputs, targets
         self.curvature = curvature
         self.likelihood, self.kind, self.structure = curvature.likelihood, curvature.kind, curvature.structure
@@ -209,7 +234,7 @@ class LaplacePosterior:
 
     def _build_engine(self, prior: PriorPrecision, previous: Engine | None = None) -> Engine:
         delta = self._to_layer(prior.diag)
-        if self.structure in LOWRANK_STRUCTURES:
+        if self.structure in LOWRANK_STRUCTURES and self.curvature.captured is not None:
             return build_lowrank_engine(self._fisher_factors(), delta, self.layer_sizes,
                                         self.structure, self.route, previous)
         return build_operator_engine(self.curvature.operator, delta, self.layer_sizes,
@@ -238,7 +263,7 @@ class LaplacePosterior:
 
     def __repr__(self) -> str:
         extra = ""
-        if self.structure in LOWRANK_STRUCTURES:
+        if self.structure in LOWRANK_STRUCTURES and self.curvature.captured is not None:
             b = self._engine.blocks[0]
             extra = f", M={b.rank}, route={b.route!r}"
         return (f"LaplacePosterior(structure={self.structure!r}, kind={self.kind!r}, "
@@ -270,17 +295,19 @@ class LaplacePosterior:
 
     def _functional(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(f(x; θ_MAP), J Λ⁻¹ Jᵀ)`` with shapes ``(N, C)`` and ``(N, C, C)``."""
-        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] == 0):
             raise ValueError("x must be a non-empty batch of inputs")
+        n_x = batch_size(x)
         with torch.no_grad():
-            C = int(self.model(x[:1]).shape[1])
+            C = int(forward(self.model, slice_inputs(x, 0, 1), self.output_fn).shape[1])
         # per test input: C columns of J_t (P each, float64) and, for a low-rank core, M × C Grams
         blocks = self._engine.blocks
         rank = blocks[0].rank if isinstance(blocks[0], LowRankBlock) else 0
-        step = chunk_inputs(x.shape[0], 8 * C * (3 * rank + 2 * self.num_params))
+        step = chunk_inputs(n_x, 8 * C * (3 * rank + 2 * self.num_params))
         means, covs = [], []
-        for i in range(0, x.shape[0], step):
-            out, Jt = output_jacobian_factors(self.model, x[i:i + step], self.layers)
+        for i in range(0, n_x, step):
+            out, Jt = output_jacobian_factors(self.model, slice_inputs(x, i, i + step), self.layers,
+                                              self.output_fn)
             means.append(out)
             covs.append(self._engine.functional_blocks(Jt, C))
         return torch.cat(means), torch.cat(covs).to(self.mean.dtype)
@@ -294,7 +321,9 @@ class LaplacePosterior:
         """Posterior predictive at ``x`` (see :mod:`curvkit.laplace.predictive`).
 
         Args:
-            x: ``(N, …)`` inputs.
+            x: the inputs of one batch (``(N, …)`` tensor; tuple: positional; dict: keywords) or
+                an iterable of batches such as ``test_loader`` (labels in them are ignored;
+                the results of all batches are concatenated).
             pred_type: ``"glm"`` (linearised network; Gaussian outputs) or ``"nn"`` (sampled weights).
             link_approx: ``"probit"`` (GLM default) or ``"mc"`` (``"nn"`` is always Monte Carlo).
             n_samples: Monte Carlo samples for ``"mc"`` / ``"nn"``.
@@ -314,6 +343,15 @@ class LaplacePosterior:
             raise ValueError("pred_type='nn' samples weights, so link_approx must be 'mc'")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        if not is_single_batch(x):
+            outs = [self.predictive(b.inputs, pred_type, link_approx, n_samples, generator)
+                    for b in iter_batches(x, None, self.label_key, self.progress,
+                                          desc="curvkit.laplace[predictive]")]
+            if not outs:
+                raise ValueError("the iterable of test batches yielded no batch")
+            if isinstance(outs[0], tuple):
+                return tuple(torch.cat(parts) for parts in zip(*outs))
+            return torch.cat(outs)
         if pred_type == "glm":
             return glm_predictive(self, x, link_approx, n_samples, generator)
         return nn_predictive(self, x, n_samples, generator)
@@ -324,14 +362,24 @@ class LaplacePosterior:
     def log_likelihood(self) -> Tensor:
         """``(n/N) Σ_{batch} log p(y_n | x_n, θ_MAP)`` with all constants (float64 scalar)."""
         if self._loglik is None:
-            if self.targets is None:
-                raise ValueError("the evidence needs the batch labels: pass targets=... to "
-                                 "LaplacePosterior")
-            with torch.no_grad():
-                out = self.model(self.inputs)
-            check_targets(out, self.targets, self.likelihood)
-            terms = _log_likelihood_terms(out, self.targets, self.likelihood)
-            self._loglik = terms.sum() * (self.num_data / self.batch_size)
+            total = torch.zeros(2, dtype=torch.float64, device=self.mean.device)
+            for b in iter_batches(self.inputs, self.targets, self.label_key, self.progress,
+                                  desc="curvkit.laplace[log-likelihood]"):
+                if b.targets is None:
+                    raise ValueError("the evidence needs the batch labels: pass targets=... to "
+                                     "LaplacePosterior (or (x, y) batches in the loader)")
+                with torch.no_grad():
+                    out = forward(self.model, b.inputs, self.output_fn)
+                check_targets(out, b.targets, self.likelihood)
+                total[0] += _log_likelihood_terms(out, b.targets, self.likelihood).sum()
+                total[1] += b.size
+            dd.all_reduce_sum([total])
+            if int(total[1]) != self.batch_size and self.curvature.info.get("subsample") is None:
+                raise ValueError(
+                    f"the evidence pass over the data saw {int(total[1])} inputs but the Fisher "
+                    f"{self.batch_size}; pass a re-iterable (a DataLoader or a list of batches), not "
+                    "a one-shot generator, that yields the same data each time")
+            self._loglik = total[0] * (self.num_data / total[1])
         return self._loglik
 
     def _logdet_fn(self, per_layer: bool):
@@ -467,10 +515,12 @@ class LaplacePosterior:
         if per_layer:
             raise ValueError("method='gridsearch' tunes a scalar prior precision; use "
                              "method='marglik' for per_layer=True")
-        if x is None or y is None or not isinstance(x, Tensor) or not isinstance(y, Tensor) \
-                or x.shape[0] == 0 or y.shape[0] != x.shape[0]:
+        if is_single_batch(x) and (x is None or y is None or not isinstance(x, Tensor)
+                                   or not isinstance(y, Tensor) or x.shape[0] == 0
+                                   or y.shape[0] != x.shape[0]):
             raise ValueError("method='gridsearch' needs held-out data: val_inputs and val_targets "
-                             "with the same (non-zero) number of rows")
+                             "with the same (non-zero) number of rows, or val_inputs an iterable "
+                             "of (x, y) batches")
         values = [float(v) for v in (grid if grid is not None else np.logspace(-2, 4, 13))]
         if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
             raise ValueError(f"grid must hold finite positive values, got {grid!r}")
@@ -483,15 +533,25 @@ class LaplacePosterior:
         self.prior_precision = best
         return best
 
-    def _predictive_nll(self, x: Tensor, y: Tensor, link_approx: str) -> float:
-        """Mean negative log-likelihood of the GLM predictive on ``(x, y)``."""
+    def _predictive_nll(self, x, y, link_approx: str) -> float:
+        """Mean negative log-likelihood of the GLM predictive on ``(x, y)`` (or batches of them)."""
+        total, count = 0.0, 0
+        for b in iter_batches(x, y, self.label_key, False):
+            if b.targets is None:
+                raise ValueError("method='gridsearch' needs the labels of the held-out batches")
+            total += self._batch_nll(b.inputs, b.targets, link_approx) * b.size
+            count += b.size
+        return total / count
+
+    def _batch_nll(self, x, y: Tensor, link_approx: str) -> float:
         if self.likelihood == "regression":
             mean, cov = self.predictive(x, "glm")
             S = cov.to(torch.float64) + torch.eye(cov.shape[1], dtype=torch.float64, device=cov.device)
             d = (y.to(torch.float64) - mean.to(torch.float64))[:, :, None]
             quad = (d.transpose(1, 2) @ torch.linalg.solve(S, d))[:, 0, 0]
             return float(0.5 * (quad + torch.logdet(S) + S.shape[1] * math.log(2 * math.pi)).mean())
-        p = self.predictive(x, "glm", link_approx, generator=torch.Generator(device=x.device).manual_seed(0))
+        p = self.predictive(x, "glm", link_approx,
+                            generator=torch.Generator(device=y.device).manual_seed(0))
         p = p.to(torch.float64).clamp_min(1e-12)
         if self.likelihood == "classification":
             return float(-p.gather(1, y.long().reshape(-1, 1)).log().mean())

@@ -24,13 +24,14 @@ covariance of ``y`` is ``Σ_f + I``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from curvkit.capture import LayerAdapter, layer_errors, record
+from curvkit.capture import LayerAdapter, as_logits, forward, layer_errors, record
 from curvkit.linalg import OuterProductFactor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,7 +41,7 @@ PRED_TYPES = ("glm", "nn")
 LINK_APPROX = ("probit", "mc")
 
 
-def output_jacobian_factors(model: torch.nn.Module, x: Tensor, layers: list[LayerAdapter]
+def output_jacobian_factors(model: torch.nn.Module, x, layers: list[LayerAdapter], output_fn=None
                             ) -> tuple[Tensor, list[OuterProductFactor]]:
     """Per-layer factors whose column ``m = n·C + c`` is ``∂f_c(x_n)/∂W̃_l`` (layer layout).
 
@@ -50,7 +51,7 @@ def output_jacobian_factors(model: torch.nn.Module, x: Tensor, layers: list[Laye
         ``(outputs (N, C) detached, [OuterProductFactor per layer])``.
     """
     with torch.enable_grad(), record(layers, keep_outputs=True) as rec:
-        out = model(x)
+        out = forward(model, x, output_fn)
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise ValueError(f"the model output must be a 2-D tensor (N, C), got "
                              f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
@@ -115,7 +116,12 @@ def nn_predictive(post: LaplacePosterior, x: Tensor, n_samples: int,
             for th in thetas:
                 params = {nm: t.view_as(p) for nm, t, p in
                           zip(names, th.split(post.numels), post.params)}
-                outs.append(functional_call(post.model, params, (x,)))
+                if isinstance(x, Mapping):
+                    out = functional_call(post.model, params, (), dict(x))
+                else:
+                    out = functional_call(post.model, params, tuple(x) if isinstance(
+                        x, (tuple, list)) else (x,))
+                outs.append(as_logits(out, post.output_fn))
     f = torch.stack(outs)  # (S, N, C)
     if post.likelihood == "regression":
         mean = f.mean(0)
