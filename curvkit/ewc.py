@@ -323,7 +323,7 @@ class EWC:
             raise FloatingPointError("EWC.consolidate: inputs have non-finite values (nan/inf)")
         F = fisher(self.model, inputs, targets, likelihood=likelihood, kind=self.kind,
                    structure=self.structure, mc_samples=self.mc_samples, generator=self.generator,
-                   params=params, progress=progress)
+                   params=params, progress=progress, distributed_columns="gather")
         specs = [
             _LayerSpec(l.name, l.weight, l.bias, l.d_out, l.d_in, tuple(l.module.weight.shape))
             for l in F.layers

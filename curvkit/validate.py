@@ -315,7 +315,8 @@ def compare(
 
     def build(structure: str, gen: torch.Generator | None) -> Curvature:
         return fisher(model, inputs, targets, likelihood=likelihood, kind=kind, structure=structure,
-                      mc_samples=mc_samples, generator=gen, params=params, progress=progress)
+                      mc_samples=mc_samples, generator=gen, params=params, progress=progress,
+                      distributed_columns="gather")
 
     F = build("full", generator)
     P = F.shape[0]

@@ -46,7 +46,8 @@ def results(model: nn.Module, data, Xt) -> dict:
     out = {}
     v = torch.linspace(-1, 1, 43, dtype=torch.float64)
     for structure in STRUCTS:
-        for route in (("auto", "primal") if structure in ("full", "block_diag") else ("auto",)):
+        for route in (("auto", "primal", "dual") if structure in ("full", "block_diag")
+                      else ("auto",)):
             opts = {"route": route} if route != "auto" else {}
             F = curvkit.fisher(model, data, structure=structure, progress=False, **opts)
             key = f"{structure}/{route}"
@@ -78,8 +79,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         X, y, Xt = make_data()
-        torch.save(results(make_model(), shard(X, y, rank, world), Xt),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        model, data = make_model(), shard(X, y, rank, world)
+        out = results(model, data, Xt)
+        # the columns stay with their ranks: each holds only its shard's M_r = N_r·C of M = N·C
+        U = curvkit.fisher(model, data, route="dual", progress=False).operator.factor
+        out["columns"] = torch.tensor([U.local.rank, U.rank])
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another still communicates
     finally:
         dist.destroy_process_group()
@@ -90,8 +95,10 @@ def test_union_over_ranks_equals_one_process(tmp_path, world):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     X, y, Xt = make_data()
     ref = results(make_model(), (X, y), Xt)  # one process, one batch
+    bounds = [round(i * N / world) for i in range(world + 1)]
     for r in range(world):
         got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got.pop("columns").tolist() == [3 * (bounds[r + 1] - bounds[r]), 3 * N]
         assert got.keys() == ref.keys()
         for key, value in ref.items():
             torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-10, msg=key)

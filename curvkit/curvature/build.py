@@ -160,6 +160,7 @@ def fisher(
     subsample_generator: torch.Generator | None = None,
     column_budget_gb: float | None = None,
     check: bool = True,
+    distributed_columns: str = "shard",
     **options,
 ) -> Curvature:
     """Fisher information of ``model`` on ``batch`` (one batch or an iterable of batches).
@@ -215,6 +216,10 @@ def fisher(
         check: verify the capture against autograd on the same batch (the capture guard: for
             random weights ``w`` over the columns of ``G``, ``G w`` must equal the parameter
             gradient of ``Σ_m w_m ⟨σ_m, f(x)⟩``; one extra backward). ``False`` skips it.
+        distributed_columns: with a ``torch.distributed`` group, ``"full"`` / ``"block_diag"``
+            Woodbury columns stay with their ranks (``"shard"``: memory per rank shrinks,
+            products are collective, ``captured`` is ``None``) or are all-gathered
+            (``"gather"``: every rank holds all columns and the union ``captured``).
         **options: structure-specific options (e.g. ``route`` for ``"full"``).
 
     Returns:
@@ -244,7 +249,8 @@ def fisher(
     op, captured, num_data, info = _data.build(
         ctx, structure, _STRUCTURES[structure], batch, targets, label_key=label_key,
         progress=progress, subsample=subsample, subsample_generator=subsample_generator,
-        column_budget_gb=column_budget_gb, options=options)
+        column_budget_gb=column_budget_gb, options=options,
+        distributed_columns=distributed_columns)
     return Curvature(
         op, params, layers, layer_index(params, layers),
         kind=None if structure in _LOSS_FREE else kind, likelihood=likelihood,

@@ -29,8 +29,14 @@ MC Fisher of all data but its draws differ from those on the concatenated batch.
 
 **Processes.** With an initialised ``torch.distributed`` group (more than one rank), each rank
 passes its shard: factors and diagonals are all-reduced (sums and ``N``), primal matrices
-all-reduced, and Woodbury columns all-gathered in rank order, so every rank holds the curvature of
-the union (equal to one process on the rank-ordered concatenated data).
+all-reduced (the route decided by all ranks together), and the Woodbury columns either stay with
+their ranks (``distributed_columns="shard"``, the default of :func:`curvkit.fisher`: the Gram is
+assembled from per-layer inputs/errors broadcast rank by rank, a solve all-gathers ``Uᵀv``
+(``M`` numbers) and all-reduces one ``P``-vector, memory per rank shrinks with the number of
+ranks; ``Curvature.captured`` is then ``None``) or are all-gathered in rank order
+(``"gather"``, used by the Laplace posterior, EWC and validate, which need every column). Either
+way every rank holds the curvature of the union, equal to one process on the rank-ordered
+concatenated data. Every rank must pass at least one batch, and all ranks make the same calls.
 """
 
 from __future__ import annotations
@@ -121,7 +127,8 @@ def _expected_total(data: Any, first: int) -> int | None:
 def build(ctx0, structure: str, builder: Callable[..., LinearOperator], data: Any,
           targets: Any, *, label_key: str, progress: bool | None, subsample: int | None,
           subsample_generator: torch.Generator | None, column_budget_gb: float | None,
-          options: dict) -> tuple[LinearOperator, Captured | None, int, dict]:
+          options: dict, distributed_columns: str = "shard"
+          ) -> tuple[LinearOperator, Captured | None, int, dict]:
     """``(layer-space operator, captured or None, N, info)`` of the union (module docstring)."""
     from curvkit.curvature.build import check_inputs
 
@@ -138,6 +145,9 @@ def build(ctx0, structure: str, builder: Callable[..., LinearOperator], data: An
         if dd.is_distributed():
             raise NotImplementedError("subsample= with a torch.distributed process group is not "
                                       "supported; subsample on one process or use route='primal'")
+    if distributed_columns not in ("shard", "gather"):
+        raise ValueError(f"distributed_columns must be 'shard' or 'gather', got "
+                         f"{distributed_columns!r}")
     if column_budget_gb is not None and not (column_budget_gb > 0):
         raise ValueError(f"column_budget_gb must be positive, got {column_budget_gb!r}")
 
@@ -158,7 +168,7 @@ def build(ctx0, structure: str, builder: Callable[..., LinearOperator], data: An
     if structure in _MEAN_FACTORS or structure == "diag":
         return _mean_union(structure, builder, contexts(), options)
     return _column_union(ctx0, structure, builder, contexts(), data, options, subsample,
-                         subsample_generator, column_budget_gb)
+                         subsample_generator, column_budget_gb, distributed_columns)
 
 
 def _no_data() -> ValueError:
@@ -311,7 +321,7 @@ def _gb(x: float) -> str:
 
 
 def _column_union(ctx0, structure, builder, contexts: Iterator, data, options, subsample,
-                  generator, budget_gb):
+                  generator, budget_gb, distributed_columns: str = "shard"):
     """``"full"`` / ``"block_diag"`` over many batches: primal sums or kept Woodbury columns."""
     route = options.get("route", "auto")
     if route not in ("auto", "dual", "primal"):
@@ -342,7 +352,7 @@ def _column_union(ctx0, structure, builder, contexts: Iterator, data, options, s
         N += n
         if dense is None and subsample is None:
             M = cols.kept * cols.R
-            if route == "auto" and M >= big and primal_bytes <= budget:
+            if route == "auto" and M >= big and primal_bytes <= budget and not dd.is_distributed():
                 dense = _columns_to_dense(cols, ctx0, structure, options)
                 cols = _Columns(None, None)
                 continue
@@ -359,9 +369,12 @@ def _column_union(ctx0, structure, builder, contexts: Iterator, data, options, s
                 raise _budget_error(structure, N, cols.R, need, budget, P, primal_bytes)
     if N == 0:
         raise _no_data()
-    total = torch.tensor([float(N)], dtype=torch.float64, device=device)
+    total = torch.tensor([float(N), float(cols.kept * cols.R)], dtype=torch.float64, device=device)
     dd.all_reduce_sum([total])
-    N = int(total.item())
+    N = int(total[0].item())
+    if dense is None and dd.is_distributed() and route == "auto" and subsample is None \
+            and int(total[1].item()) >= big and primal_bytes <= budget:  # decided by all ranks
+        dense = _columns_to_dense(cols, ctx0, structure, options)
     if dense is not None:
         dd.all_reduce_sum(dense)
         dtype = ctx0.params[0].dtype
@@ -370,6 +383,9 @@ def _column_union(ctx0, structure, builder, contexts: Iterator, data, options, s
             return mats[0], None, N, {"route": "primal", "num_seen": N}
         return BlockDiagonal(mats, name="Fisher[block_diag]"), None, N, \
             {"route": "primal", "num_seen": N}
+    if dd.is_distributed() and distributed_columns == "shard":
+        return _sharded(ctx0, structure, cols, N, options), None, N, \
+            {"num_seen": N, "distributed_columns": "shard"}
     if dd.is_distributed():
         cols.gather()
     kept = cols.kept if subsample is not None else N
@@ -381,6 +397,22 @@ def _column_union(ctx0, structure, builder, contexts: Iterator, data, options, s
     if subsample is not None:
         info["subsample"] = kept
     return op, cap, kept, info
+
+
+def _sharded(ctx0, structure: str, cols: _Columns, N: int, options: dict) -> LinearOperator:
+    """Woodbury with this rank's columns only (:class:`~curvkit.curvature.distributed.ShardedFactor`)."""
+    from curvkit.curvature.fisher import layer_factors
+
+    if cols.kept == 0:
+        raise ValueError("this rank's shard yielded no batch; give every rank at least one")
+    ctx = dataclasses.replace(ctx0, inputs=None, targets=None)
+    ctx.__dict__["captured"] = cols.captured(ctx0.layers, N)  # local columns at the union's 1/√N
+    factors = layer_factors(ctx, options.get("gram_route", "auto"))
+    if structure == "full":
+        return Woodbury(dd.ShardedFactor(StackedFactor(factors)), route="dual", name="Fisher[full]")
+    return BlockDiagonal([Woodbury(dd.ShardedFactor(f), route="dual",
+                                   name=f"Fisher[block {layer.name}]")
+                          for f, layer in zip(factors, ctx0.layers)], name="Fisher[block_diag]")
 
 
 def _columns_to_dense(cols: _Columns, ctx0, structure: str, options: dict) -> list[Tensor]:

@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from curvkit.linalg import LowRankFactor, OuterProductFactor, StackedFactor
+
 __all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum", "all_gather_rows",
-           "all_gather_counts"]
+           "all_gather_counts", "ShardedFactor"]
 
 
 def is_distributed() -> bool:
@@ -64,3 +66,71 @@ def all_gather_rows(x: Tensor) -> Tensor:
     got = [torch.empty_like(pad) for _ in counts]
     dist.all_gather(got, pad.contiguous())
     return torch.cat([g[:c] for g, c in zip(got, counts)])
+
+
+class ShardedFactor(LowRankFactor):
+    """``U = [U_0 | U_1 | …]`` across ranks; rank ``r`` holds only its own columns ``U_r``.
+
+    Products are collective (every rank calls them with the same right-hand sides):
+
+    * ``Uᵀ X`` -- local ``U_rᵀ X`` (``M_r × k``), all-gathered to ``M × k``;
+    * ``U W`` -- local ``U_r W_r`` on this rank's rows of ``W``, one all-reduce of ``P × k``;
+    * ``K = Uᵀ U`` -- row block ``U_rᵀ [U_0 | …]`` from the per-layer inputs and errors that each
+      rank broadcasts in turn (one other rank's columns held at a time), then all-gathered; the
+      ``M × M`` Gram is replicated (the Woodbury core needs it whole).
+
+    Memory per rank: its own columns (``1/world`` of them) plus one other rank's during the Gram.
+
+    Args:
+        local: this rank's columns, a :class:`~curvkit.linalg.StackedFactor` (or a single
+            block) of :class:`~curvkit.linalg.OuterProductFactor` sharing the layer layout on
+            every rank.
+    """
+
+    def __init__(self, local: LowRankFactor) -> None:
+        self.local = local
+        self.size, self.dtype, self.device = local.size, local.dtype, local.device
+        self.counts = all_gather_counts(local.rank, local.device)
+        self.rank = sum(self.counts)
+        self.offset = sum(self.counts[: rank()])
+
+    def rmatmat(self, X: Tensor) -> Tensor:
+        return all_gather_rows(self.local.rmatmat(X))
+
+    def matmat(self, W: Tensor) -> Tensor:
+        out = self.local.matmat(W[self.offset:self.offset + self.local.rank].contiguous())
+        return all_reduce_sum([out.contiguous()])[0]
+
+    def _blocks(self) -> list[OuterProductFactor]:
+        blocks = self.local.blocks if isinstance(self.local, StackedFactor) else [self.local]
+        if not all(isinstance(b, OuterProductFactor) for b in blocks):
+            raise TypeError("ShardedFactor needs per-layer OuterProductFactor blocks")
+        return list(blocks)
+
+    def _from_rank(self, src: int) -> LowRankFactor:
+        """Rank ``src``'s columns on every rank (broadcast of its per-layer ``a`` and ``e``)."""
+        out = []
+        for b in self._blocks():
+            n = self.counts[src] // b.R
+            a = b.a if rank() == src else b.a.new_empty((n, *b.a.shape[1:]))
+            e = b.e if rank() == src else b.e.new_empty((n * b.R, *b.e.shape[1:]))
+            a, e = a.contiguous(), e.contiguous()
+            dist.broadcast(a, src=src)
+            dist.broadcast(e, src=src)
+            out.append(OuterProductFactor(a, e, b.gram_route))
+        return StackedFactor(out) if isinstance(self.local, StackedFactor) else out[0]
+
+    def gram(self) -> Tensor:
+        from curvkit.linalg.factor_ops import cross_gram64
+
+        row = torch.cat([cross_gram64(self.local, self._from_rank(s))
+                         for s in range(len(self.counts))], dim=1)
+        return all_gather_rows(row).to(self.dtype)
+
+    def sq_row_norms(self) -> Tensor:
+        return all_reduce_sum([self.local.sq_row_norms().contiguous()])[0]
+
+    def columns(self, start: int, stop: int) -> Tensor:
+        raise NotImplementedError(
+            "the Woodbury columns are held by their ranks (ShardedFactor); use the dual route "
+            "(route='dual') or route='primal', which all-reduces the P×P matrix")

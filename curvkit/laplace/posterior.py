@@ -164,6 +164,7 @@ class LaplacePosterior:
             opts = dict(fisher_options or {})
             if not single and structure in LOWRANK_STRUCTURES and route != "auto":
                 opts.setdefault("route", route)
+            opts.setdefault("distributed_columns", "gather")  # the engine needs every column
             curvature = fisher(model, inputs, targets, likelihood=likelihood, kind=kind,
                                structure=structure, mc_samples=mc_samples, generator=generator,
                                params=params, output_fn=output_fn, label_key=label_key,
