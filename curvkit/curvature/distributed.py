@@ -121,14 +121,30 @@ class ShardedFactor(LowRankFactor):
         return StackedFactor(out) if isinstance(self.local, StackedFactor) else out[0]
 
     def gram(self) -> Tensor:
+        return self.gram64().to(self.dtype)
+
+    def sq_row_norms(self) -> Tensor:
+        return all_reduce_sum([self.local.sq_row_norms().contiguous()])[0]
+
+    # float64-accumulated products of the Woodbury solve (see LowRankFactor)
+    def gram64(self) -> Tensor:
         from curvkit.linalg.factor_ops import cross_gram64
 
         row = torch.cat([cross_gram64(self.local, self._from_rank(s))
                          for s in range(len(self.counts))], dim=1)
-        return all_gather_rows(row).to(self.dtype)
+        return all_gather_rows(row)
 
-    def sq_row_norms(self) -> Tensor:
-        return all_reduce_sum([self.local.sq_row_norms().contiguous()])[0]
+    def rmatmat64(self, X: Tensor) -> Tensor:
+        return all_gather_rows(self.local.rmatmat64(X))
+
+    def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+        W = W.to(torch.float64)
+        Wr = W[self.offset:self.offset + self.local.rank].contiguous()
+        zero = torch.zeros(X.shape, dtype=torch.float64, device=X.device)
+        UW = self.local.sub_matmat64(zero, Wr, -1.0)  # U_r W_r in float64
+        UW = all_reduce_sum([UW])[0]  # one all-reduce of the P × k product
+        Y = (X.to(torch.float64) - UW) * scale
+        return Y.to(X.dtype) if out is None else out.copy_(Y)
 
     def columns(self, start: int, stop: int) -> Tensor:
         raise NotImplementedError(
