@@ -190,7 +190,8 @@ def _mean_union(structure: str, builder, contexts: Iterator, options: dict):
             parts = [A.to(torch.float64) * n for A in f.A]
             parts += [B.to(torch.float64) * n for B in f.B if B is not None]
         sums = parts if sums is None else [s.add_(p) for s, p in zip(sums, parts)]
-        first = first or op
+        if first is None:
+            first = op
         N += n
     if first is None:
         if not dd.is_distributed():
