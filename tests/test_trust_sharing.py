@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import curvkit
-from curvkit.capture import CheckpointError, UnsupportedLayerError
+from curvkit.capture import CaptureMismatchError, CheckpointError, UnsupportedLayerError
 from curvkit.testing.dense import dense_block_diagonal, dense_fisher, per_sample_jacobians
 
 D64 = torch.float64
@@ -206,26 +206,44 @@ class Checkpointed(nn.Module):
         return self.head(h)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_activation_checkpointing_non_reentrant(structure):
+def test_activation_checkpointing(structure, reentrant):
     torch.manual_seed(0)
-    model = Checkpointed(False).to(D64)
-    x = torch.randn(5, 4, dtype=D64)
+    model = Checkpointed(reentrant).to(D64)
+    x = torch.randn(5, 4, dtype=D64, requires_grad=reentrant)  # reentrant needs a grad input
+    model.head.weight.grad = torch.ones_like(model.head.weight)
     F = curvkit.fisher(model, x, structure=structure)
+    assert torch.equal(model.head.weight.grad, torch.ones_like(model.head.weight))  # untouched
+    assert x.grad is None and all(p.grad is None for p in model.block.parameters())
     model_plain = Checkpointed(None).to(D64)
     model_plain.load_state_dict(model.state_dict())
-    R = curvkit.fisher(model_plain, x, structure=structure)
+    R = curvkit.fisher(model_plain, x.detach(), structure=structure)
     _close(F.to_dense(), R.to_dense(), 1e-12)
     if structure == "full":
-        _close(F.to_dense(), dense_fisher(model_plain, x))
+        _close(F.to_dense(), dense_fisher(model_plain, x.detach()))
 
 
-def test_activation_checkpointing_reentrant_refused():
+def test_reentrant_checkpoint_guarded(monkeypatch):
+    from curvkit.capture.layers import LayerAdapter
     model = Checkpointed(True).to(D64)
+    x = torch.randn(4, 4, dtype=D64, requires_grad=True)
+    original = LayerAdapter.errors
+    monkeypatch.setattr(LayerAdapter, "errors", lambda self, g, batch_size=None:
+                        2 * original(self, g, batch_size))
+    with pytest.raises(CaptureMismatchError, match=r"layer 'block.0' \(Linear\)"):
+        curvkit.fisher(model, x)
+
+
+def test_reentrant_checkpoint_refused_by_optimizer():
+    from curvkit.optim import KFAC
+    model = Checkpointed(True).to(D64)
+    opt = KFAC(model, lr=0.1, damping=0.1)
     x = torch.randn(4, 4, dtype=D64, requires_grad=True)
     with pytest.raises(CheckpointError, match=r"Layer 'block.0' \(Linear\) ran with gradients "
                                               r"disabled.*use_reentrant=False"):
-        curvkit.fisher(model, x)
+        model(x)
+    assert opt.step_count == 0
 
 
 def test_dense_reference_sanity_for_shared_layer():

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.capture.guard import verify_capture
-from curvkit.capture.hooks import layer_errors, record
+from curvkit.capture.hooks import BackwardRoute, errors_by_backward, layer_errors, record
 from curvkit.capture.inputs import OutputFn, batch_size, forward, input_tensors
 from curvkit.capture.layers import LayerAdapter
 from curvkit.capture.targets import output_seeds
@@ -146,13 +146,21 @@ def capture(
         rec.check_complete(layers)
         seeds, sampled = output_seeds(outputs, targets, likelihood, kind, mc_samples, generator)
         seeds = seeds.to(outputs.dtype)
-        errors = layer_errors(outputs, rec, layers, seeds)
+        route = None
+        if any(rec.ungraphed):  # reentrant checkpointing: only .backward() reaches the layers
+            route = BackwardRoute(rec, [*model.parameters(), *input_tensors(inputs)])
+            errors = errors_by_backward(outputs, rec, layers, seeds, route)
+        else:
+            errors = layer_errors(outputs, rec, layers, seeds)
         a = [x for x in rec.inputs]
         for layer, ai, ei in zip(layers, a, errors):
             if not (torch.isfinite(ai).all() and torch.isfinite(ei).all()):
                 raise FloatingPointError(f"non-finite inputs or errors at layer {layer.describe()}")
+        backward = None if route is None else \
+            (lambda v: (route.run(outputs, v), route.leaf_grads)[1])
         report = verify_capture(layers, a, errors, outputs, seeds, retain_graph=False,
-                                per_sample=not batch_coupled(model)) if check else None
+                                per_sample=not batch_coupled(model), backward=backward) \
+            if check else None
     return Captured(list(layers), a, errors, outputs.detach(), sampled, kind, likelihood, report)
 
 
@@ -178,7 +186,12 @@ def capture_inputs(model: nn.Module, inputs, layers: Sequence[LayerAdapter], *,
             flat = outputs.reshape(outputs.shape[0], -1)
             seeds = torch.randn(flat.shape[0], 1, flat.shape[1], generator=gen,
                                 device=flat.device, dtype=flat.dtype)
-            errors = layer_errors(flat, rec, layers, seeds)
+            if any(rec.ungraphed):  # reentrant checkpointing (see capture)
+                route = BackwardRoute(rec, [*model.parameters(), *input_tensors(inputs)])
+                errors = errors_by_backward(flat, rec, layers, seeds, route)
+                backward = lambda v: (route.run(flat, v), route.leaf_grads)[1]  # noqa: E731
+            else:
+                errors, backward = layer_errors(flat, rec, layers, seeds), None
             verify_capture(layers, rec.inputs, errors, flat, seeds, retain_graph=False,
-                           per_sample=not batch_coupled(model))
+                           per_sample=not batch_coupled(model), backward=backward)
     return list(rec.inputs)

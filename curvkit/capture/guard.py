@@ -106,6 +106,7 @@ def verify_capture(
     retain_graph: bool = True,
     tolerance: tuple[float, float] | None = None,
     per_sample: bool = True,
+    backward=None,
 ) -> dict[str, float]:
     """Check ``U w = ∇_θ Σ_m w_m ⟨σ_m, f⟩`` per layer for random ``w`` (see the module doc).
 
@@ -120,6 +121,8 @@ def verify_capture(
         per_sample: draw ``w_{nr}`` independently per sample (checks the assignment of
             locations to samples too). ``False`` uses ``w_{nr} = w_r``, for batch-coupled models
             (train-mode BatchNorm), whose errors are not per-sample.
+        backward: ``backward(v) -> {id(param): grad}`` replacing ``torch.autograd.grad`` (for
+            graphs that only ``.backward()`` can traverse, e.g. reentrant checkpointing).
 
     Returns:
         ``{layer name: relative error ‖Pᵀ(U w − ∇)Q‖ / ‖Pᵀ∇Q‖}`` (``0`` where both are zero).
@@ -135,8 +138,12 @@ def verify_capture(
                     dtype=outputs.dtype).expand(N, R)
     params = layer_params(layers)
     v = torch.einsum("nr,nrc->nc", w, seeds.to(outputs.dtype))
-    grads_list = torch.autograd.grad(outputs, params, grad_outputs=v, retain_graph=retain_graph,
-                                     allow_unused=True)
+    if backward is None:
+        grads_list = torch.autograd.grad(outputs, params, grad_outputs=v,
+                                         retain_graph=retain_graph, allow_unused=True)
+    else:
+        got = backward(v)
+        grads_list = [got.get(id(p)) for p in params]
     grads = {id(p): torch.zeros_like(p) if g is None else g for p, g in zip(params, grads_list)}
     report: dict[str, float] = {}
     for layer, al, el in zip(layers, a, e):

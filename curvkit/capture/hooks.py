@@ -68,10 +68,14 @@ class Records:
     calls: list[int] = field(default_factory=list)
     batch_size: int | None = None
     _watch: list[list[tuple[Tensor, int]]] = field(default_factory=list)
+    #: per layer, indices of uses that ran with gradients disabled (reentrant checkpointing)
+    ungraphed: list[list[int]] = field(default_factory=list)
+    route: BackwardRoute | None = None
 
     @classmethod
     def empty(cls, n: int, batch_size: int | None = None) -> Records:
-        return cls([None] * n, [None] * n, [0] * n, batch_size, [[] for _ in range(n)])
+        return cls([None] * n, [None] * n, [0] * n, batch_size, [[] for _ in range(n)],
+                   [[] for _ in range(n)])
 
     def check_complete(self, layers: Sequence[LayerAdapter]) -> None:
         """Raise if a layer was not called, or if its recorded input was modified in place."""
@@ -125,15 +129,9 @@ def _cat_uses(layer: LayerAdapter, prev: Tensor, new: Tensor) -> Tensor:
 def _make_hook(records: Records, i: int, layer: LayerAdapter, keep_output: bool):
     def hook(module: nn.Module, args: tuple, output: Tensor):
         if in_backward():  # checkpoint recomputation: not a use
-            return None
+            return records.route.recomputed(i, output) if records.route is not None else None
         if keep_output and not torch.is_grad_enabled():
-            raise CheckpointError(
-                f"Layer {layer.describe()} ran with gradients disabled inside the model's forward "
-                "(torch.no_grad() in the model, or torch.utils.checkpoint with "
-                "use_reentrant=True), so its errors cannot be taken. Use "
-                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or freeze the "
-                "layer's parameters."
-            )
+            records.ungraphed[i].append(records.calls[i])  # (reentrant checkpoint) see capture
         return _add_use(records, i, layer, module, args, output, keep_output)
 
     return hook
@@ -207,6 +205,85 @@ def layer_errors(
     return errs
 
 
+class BackwardRoute:
+    """Errors through ``.backward()`` for graphs ``autograd.grad`` cannot traverse.
+
+    ``torch.utils.checkpoint(..., use_reentrant=True)`` runs its segment without gradients and
+    recomputes it inside ``.backward()`` only. Here each seed is back-propagated with
+    ``torch.autograd.backward``; tensor hooks on the kept layer outputs, and on the outputs
+    recomputed during that backward (matched to the uses in call order), collect ``∂f/∂s``. The
+    ``.grad`` of every leaf is saved before and restored after (:meth:`run`), so nothing the
+    user sees changes.
+
+    Args:
+        records: from :func:`record`.
+        leaves: every leaf tensor a backward can reach (the model's parameters, input tensors).
+    """
+
+    def __init__(self, records: Records, leaves: Sequence[Tensor]) -> None:
+        self.records = records
+        self.leaves = [t for t in leaves if t.requires_grad]
+        self.grads: dict[tuple[int, int], Tensor] = {}
+        self._seen: list[int] = []
+
+    def recomputed(self, i: int, output: Tensor) -> Tensor:
+        """Forward hook during a backward: watch the recomputed output of a no-grad use."""
+        k = self._seen[i]
+        self._seen[i] += 1
+        uses = self.records.ungraphed[i]
+        if k < len(uses) and output.requires_grad:
+            key = (i, uses[k])
+            output.register_hook(lambda g, key=key: self.grads.__setitem__(key, g))
+            return output.clone()
+        return output
+
+    def run(self, outputs: Tensor, v: Tensor) -> dict[tuple[int, int], Tensor]:
+        """``.backward()`` of ``⟨v, outputs⟩``; returns ``{(layer, use): ∂/∂s}``; leaves' ``.grad``
+        afterwards hold this backward's gradients (see :meth:`param_grads`)."""
+        self.grads = {}
+        self._seen = [0] * len(self.records.calls)
+        handles = []
+        for i, outs in enumerate(self.records.outputs):
+            for k, o in enumerate(outs or ()):
+                if o.requires_grad:
+                    handles.append(o.register_hook(
+                        lambda g, key=(i, k): self.grads.__setitem__(key, g)))
+        saved = [t.grad for t in self.leaves]
+        for t in self.leaves:
+            t.grad = None
+        self.records.route = self
+        try:
+            torch.autograd.backward(outputs, v, retain_graph=True)
+            self.leaf_grads = {id(t): t.grad for t in self.leaves}
+        finally:
+            self.records.route = None
+            for h in handles:
+                h.remove()
+            for t, g in zip(self.leaves, saved):
+                t.grad = g
+        return self.grads
+
+
+def errors_by_backward(outputs: Tensor, records: Records, layers: Sequence[LayerAdapter],
+                       seeds: Tensor, route: BackwardRoute) -> list[Tensor]:
+    """:func:`layer_errors` through :class:`BackwardRoute` (one ``.backward()`` per seed)."""
+    N, R = seeds.shape[:2]
+    per_seed = []
+    for r in range(R):
+        got = route.run(outputs, seeds[:, r])
+        per_layer = []
+        for li, (layer, outs) in enumerate(zip(layers, records.outputs)):
+            es = [layer.errors(got.get((li, k), torch.zeros_like(o)), batch_size=N)
+                  for k, o in enumerate(outs or ())]
+            per_layer.append(torch.cat(es, dim=1) if len(es) > 1 else es[0])
+        per_seed.append(per_layer)
+    errs = []
+    for li in range(len(layers)):
+        e = torch.stack([per_seed[r][li] for r in range(R)], dim=1)
+        errs.append(e.reshape(N * R, *e.shape[2:]))
+    return errs
+
+
 class Recorder:
     """Persistent forward hooks for optimizers: record ``a`` (and outputs) while enabled.
 
@@ -266,6 +343,12 @@ def _recording(self: Recorder | None) -> bool:
             and not in_backward())
 
 
+def _recording_layer(self: Recorder | None) -> bool:
+    """Layer hooks also see no-grad calls inside a recorded model forward (to refuse them)."""
+    return (self is not None and self.enabled and not in_backward()
+            and (torch.is_grad_enabled() or self._in_forward))
+
+
 def _start_hook(ref, model: nn.Module):
     model_ref = weakref.ref(model)
 
@@ -315,11 +398,19 @@ def _guard_hook(ref, model: nn.Module):
 def _persistent_hook(ref, i: int):
     def hook(module: nn.Module, args: tuple, output: Tensor):
         self = ref()
-        if not _recording(self):
+        if not _recording_layer(self):
             return None
         layer = self.layers[i]
         if all(module is not m for m in layer.modules):  # a deepcopy carries the hook along
             return None
+        if self.keep_outputs and not torch.is_grad_enabled():
+            raise CheckpointError(
+                f"Layer {layer.describe()} ran with gradients disabled inside the model's forward "
+                "(torch.no_grad() in the model, or torch.utils.checkpoint with "
+                "use_reentrant=True), so the optimizer cannot take its errors. Use "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or freeze the "
+                "layer's parameters."
+            )
         if not (self._per_forward and self._in_forward):  # outside a model forward: latest wins
             self.records.inputs[i], self.records.outputs[i] = None, None
             self.records.calls[i], self.records._watch[i] = 0, []
