@@ -8,12 +8,20 @@ Models (random data: timing does not need real images):
 * ``cnn``: a ResNet-8-style network (3×3 stem to 16 channels, three basic blocks of widths
   16/32/64 with strides 1/2/2 and 1×1 projection shortcuts, no BatchNorm, no biases, global
   average pooling, linear head) on CIFAR-shaped batches 3×32×32 of 100; FOOF and KFAC at
-  ``T = 500, S = 10``.
+  ``T = 1, 10, 100`` (``S = T``) and ``T = 500, S = 10``.
+
+FOOF/KFAC run with ``precondition_with="current"``: the work per step kind is the same in both
+update orders, and the timing walks the step counter of that order.
 
 Plus ASDL's ``KfacGradientMaker`` (+ SGD) when ``asdl`` is importable (not in ``--quick`` mode),
 timed the same way: its three kinds of steps (curvature update + inversion, curvature update
 only, preconditioning only) are measured with update intervals 1 or "never", and combined into
 the same amortised formula for each ``(T, S)``.
+
+**Interleaving.** Each of the ``--rounds`` rounds (default 5) times every method, in the order
+A B C … in even rounds and … C B A in odd ones; ratios (curvkit KFAC ÷ ASDL KFAC, FOOF ÷ KFAC,
+each ÷ SGD) are formed per round from that round's samples and reported as median / min / max
+over rounds, so slow drifts of a shared machine's load cancel.
 
 A *step* is the whole training step ``zero_grad; loss = CE(model(x), y); backward; step``.
 Steps of FOOF/KFAC fall into three kinds under Algorithm 1: *inversion* steps (``t ≡ 0 mod T``,
@@ -101,6 +109,7 @@ class Method:
     T: int = 1
     S: int = 1
     times: dict[str, list[float]] = field(default_factory=lambda: {"plain": [], "stats": [], "inv": []})
+    rounds: list[dict[str, list[float]]] = field(default_factory=list)  # the samples of each round
 
 
 def asdl_available() -> bool:
@@ -144,7 +153,7 @@ def methods_for(model_name: str, quick: bool, batch: int) -> list[Method]:
         Method("SGD", "sgd", lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)),
         Method("Adam", "adam", lambda m: torch.optim.Adam(m.parameters(), lr=1e-4)),
     ]
-    schedules = [(1, 1), (10, 10), (100, 100)] if model_name == "mlp" else [(500, 10)]
+    schedules = [(1, 1), (10, 10), (100, 100)] + ([] if model_name == "mlp" else [(500, 10)])
     for T, S in schedules:
         out.append(Method(f"FOOF T={T}", "foof", lambda m, T=T, S=S: FOOF(
             m, lr=0.3, damping=1.0, inv_period=T, ema_steps=S, momentum=0.9,
@@ -220,6 +229,20 @@ def run_round(m: Method, opt, model, batches, n_plain: int, n_stats: int, n_simp
         m.times[key].append(timed(opt, model, next(it)))
 
 
+def per_step(m: Method, times: dict[str, list[float]]) -> float:
+    """Amortised per-step time from the samples ``times`` (kinds missing there: all samples)."""
+    med = {k: statistics.median(v) if v else (statistics.median(m.times[k]) if m.times[k] else None)
+           for k, v in times.items()}
+    if m.family in ("foof", "kfac"):
+        return (med["inv"] + (m.S - 1) * (med["stats"] or 0.0) + (m.T - m.S) * (med["plain"] or 0.0)) / m.T
+    return med["plain"] if med["plain"] is not None else med["inv"]
+
+
+def ratio_stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "rounds": len(values)}
+
+
 def amortised(m: Method) -> dict[str, float | None]:
     med = {k: (statistics.median(v) if v else None) for k, v in m.times.items()}
     if m.family in ("foof", "kfac"):
@@ -232,7 +255,7 @@ def amortised(m: Method) -> dict[str, float | None]:
             "median_inversion_s": med["inv"], "samples": {k: len(v) for k, v in m.times.items()}}
 
 
-def bench_model(name: str, quick: bool, rounds: int, seed: int = 0) -> dict:
+def bench_model(name: str, quick: bool, rounds: int, seed: int = 0, samples: int = 4) -> dict:
     torch.manual_seed(seed)
     if name == "mlp":
         widths = (64, 32, 32, 32, 10) if quick else (784, 1000, 1000, 1000, 10)
@@ -265,29 +288,52 @@ def bench_model(name: str, quick: bool, rounds: int, seed: int = 0) -> dict:
             continue
         runs.append((m, opt, model))
     methods = [m for m, _, _ in runs]
-    n_plain, n_stats, n_simple = (1, 1, 1) if quick else (8, 3, 6)
-    for _ in range(rounds):
-        for m, opt, model in runs:  # round-robin: every method sees the same machine state
+    n_plain, n_stats, n_simple = (1, 1, 1) if quick else (samples, max(1, samples // 2), samples)
+    for r in range(rounds):  # interleaved: A B C … then … C B A, so drifts in load cancel
+        for m, opt, model in (runs if r % 2 == 0 else runs[::-1]):
+            before = {k: len(v) for k, v in m.times.items()}
             run_round(m, opt, model, batches, n_plain, n_stats, n_simple)
+            m.rounds.append({k: v[before[k]:] for k, v in m.times.items()})
     results = {m.name: {"family": m.family, "T": m.T, "S": m.S, **amortised(m)} for m in methods}
-    asdl = {name.split("[")[1][:-1]: results.pop(name)["per_step_s"]
-            for name in [k for k in results if k.startswith("ASDL KFAC [")]}
+    # per-round amortised step times of every method (ASDL's three step kinds combined per (T, S))
+    rounds_of = {m.name: [per_step(m, rt) for rt in m.rounds] for m in methods}
+    asdl = {name.split("[")[1][:-1]: results.pop(name) for name in list(results)
+            if name.startswith("ASDL KFAC [")}
     if "inv" in asdl and "stats" in asdl:
         for T, S in sorted({(m.T, m.S) for m in methods if m.family == "kfac"}):
-            plain = asdl.get("plain", 0.0)
+            def combine(inv: float, stats: float, plain: float | None) -> float:
+                return (inv + (S - 1) * stats + (T - S) * (plain or 0.0)) / T
+            per_round = [combine(rounds_of["ASDL KFAC [inv]"][r], rounds_of["ASDL KFAC [stats]"][r],
+                                 rounds_of["ASDL KFAC [plain]"][r] if "plain" in asdl else None)
+                         for r in range(rounds)]
             results[f"ASDL KFAC T={T}"] = {
-                "family": "asdl", "T": T, "S": S, "median_plain_s": asdl.get("plain"),
-                "median_stats_s": asdl["stats"], "median_inversion_s": asdl["inv"],
-                "per_step_s": (asdl["inv"] + (S - 1) * asdl["stats"] + (T - S) * plain) / T}
+                "family": "asdl", "T": T, "S": S,
+                "median_plain_s": asdl["plain"]["per_step_s"] if "plain" in asdl else None,
+                "median_stats_s": asdl["stats"]["per_step_s"],
+                "median_inversion_s": asdl["inv"]["per_step_s"],
+                "per_step_s": statistics.median(per_round)}
+            rounds_of[f"ASDL KFAC T={T}"] = per_round
+    for k in list(rounds_of):
+        if k.startswith("ASDL KFAC ["):
+            del rounds_of[k]
     sgd = results["SGD"]["per_step_s"]
     for r in results.values():
         r["ratio_to_sgd"] = r["per_step_s"] / sgd
+    ratios = {}
+    for T in sorted({m.T for m in methods if m.family == "kfac"}):
+        pairs = [(f"KFAC T={T} / ASDL KFAC T={T}", f"KFAC T={T}", f"ASDL KFAC T={T}"),
+                 (f"FOOF T={T} / KFAC T={T}", f"FOOF T={T}", f"KFAC T={T}"),
+                 (f"KFAC T={T} / SGD", f"KFAC T={T}", "SGD"), (f"FOOF T={T} / SGD", f"FOOF T={T}", "SGD")]
+        for key, a, b in pairs:
+            if a in rounds_of and b in rounds_of:
+                ratios[key] = ratio_stats([x / y for x, y in zip(rounds_of[a], rounds_of[b])])
     return {"model": name, "batch": batch, "input_shape": list(x_shape[1:]),
             "parameters": sum(p.numel() for p in init.parameters()), "methods": results,
-            "failed": failed}
+            "per_round_ratios": ratios, "rounds_per_step_s": rounds_of, "failed": failed}
 
 
 def goals(res: dict) -> dict:
+    """Issue goals, each the median (and min) over rounds of the per-round ratio."""
     out = {}
     mlp, cnn = res.get("mlp"), res.get("cnn")
     if mlp:
@@ -300,6 +346,13 @@ def goals(res: dict) -> dict:
             if r:
                 key = f"cnn_{fam.split()[0].lower()}_over_sgd"
                 out[key] = {"value": r["ratio_to_sgd"], "goal": f"<= {goal}"}
+    for name, r in res.items():
+        for T in (1, 10, 100):
+            for key, goal, label in ((f"KFAC T={T} / ASDL KFAC T={T}", "<= 1", "kfac_over_asdl"),
+                                     (f"FOOF T={T} / KFAC T={T}", "<= 1", "foof_over_kfac")):
+                q = r.get("per_round_ratios", {}).get(key)
+                if q:
+                    out[f"{name}_{label}_T{T}"] = {"value": q["median"], "min": q["min"], "goal": goal}
     return out
 
 
@@ -324,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
     ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 5; quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--samples", type=int, default=4, help="timed steps of each kind per round")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -332,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     res = {}
     for name in args.models.split(","):
-        res[name] = bench_model(name.strip(), args.quick, rounds)
+        res[name] = bench_model(name.strip(), args.quick, rounds, samples=args.samples)
     print_table(res)
     out = {
         "command": " ".join(["python benchmarks/optimizer_step.py", *(argv or sys.argv[1:])]),
@@ -341,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "asdl": asdl_available(), "wall_s": time.time() - t0, "results": res, "goals": goals(res),
     }
+    print("\nper-round ratios (median / min / max over rounds):")
+    for name, r in res.items():
+        for k, q in r["per_round_ratios"].items():
+            print(f"  {name} {k}: {q['median']:.3f} / {q['min']:.3f} / {q['max']:.3f}")
     print("\ngoals:")
     for k, v in out["goals"].items():
         print(f"  {k}: {v['value']:.2f} (goal {v['goal']})")

@@ -30,5 +30,9 @@ def test_benchmark_quick(tmp_path):
     cnn = saved["results"]["cnn"]["methods"]
     assert cnn["FOOF T=500"]["samples"] == {"plain": 1, "stats": 1, "inv": 1}
     assert all(m["per_step_s"] > 0 for r in saved["results"].values() for m in r["methods"].values())
-    assert set(saved["goals"]) == {"mlp_kfac_over_foof_T100", "cnn_foof_over_sgd", "cnn_kfac_over_sgd"}
+    assert {"mlp_kfac_over_foof_T100", "cnn_foof_over_sgd", "cnn_kfac_over_sgd"} <= set(saved["goals"])
+    for name in ("mlp", "cnn"):  # per-round ratios of interleaved rounds (ASDL only outside --quick)
+        assert {f"{name}_foof_over_kfac_T{T}" for T in (1, 10, 100)} <= set(saved["goals"])
+        q = saved["results"][name]["per_round_ratios"]["FOOF T=1 / KFAC T=1"]
+        assert q["rounds"] == 1 and q["min"] <= q["median"] <= q["max"]
     assert res["goals"] == saved["goals"]

@@ -13,7 +13,7 @@ Index letters (as in :mod:`curvkit.linalg.outer`), declared once:
 
 The capture stores ``a_{nt} ∈ R^{d_in}`` and the errors ``ẽ_{mt} ∈ R^{d_out}`` with the Fisher
 scaling already folded in (``√p_c/√N`` for exact, ``1/√(N·S)`` for mc, ``1/√N`` for empirical),
-so that ``F = Σ_m g_m g_mᵀ`` with ``g_m = vec_r(Σ_t ẽ_{mt} a_{nt}ᵀ)`` (math_spec §2).
+so that ``F = Σ_m g_m g_mᵀ`` with ``g_m = vec_r(Σ_t ẽ_{mt} a_{nt}ᵀ)`` (paper App. E).
 
 **KFAC factors** (Martens & Grosse 2015; for ``T > 1`` the KFC convention of Grosse & Martens
 2016, ``Ω = E[Σ_t a aᵀ]``, ``Γ = E[(1/T) Σ_t ê êᵀ]``)::
@@ -32,9 +32,9 @@ The split of ``T`` between the factors does not change ``B̂ ⊗ Â`` nor the π
 π rule rescales ``λ_A``, ``λ_B`` with the factors), so the product equals curvlinops'
 "KFAC-expand" (which puts ``1/T`` into ``Â``). The paper's public code uses a batch *sum* for a
 Linear layer's ``Â`` and no ``1/T`` in a convolution's ``B̂``: its damping values differ from
-curvkit's by those factors (math_spec §5.1).
+curvkit's by those factors (the paper says so itself, App. D.4).
 
-**Damping** (paper eqs 3–4, math_spec §5.3–5.4), applied per layer by
+**Damping** (paper eqs 2–4 and footnote 2), applied per layer by
 :class:`~curvkit.linalg.Kronecker`:
 
 * ``damping_mode="exact"`` (standard): ``(B̂ ⊗ Â + λI)⁻¹`` through eigendecompositions;
@@ -66,8 +66,8 @@ from curvkit.curvature.build import BuildContext, register_structure
 from curvkit.linalg import BlockDiagonal, Kronecker
 
 __all__ = [
-    "KFACFactors", "KroneckerBlockDiagonal", "input_factor", "output_factor", "factors_of",
-    "CONVENTION",
+    "KFACFactors", "KroneckerBlockDiagonal", "input_factor", "output_factor", "location_gram",
+    "factors_of", "CONVENTION",
 ]
 
 #: One-line statement of the factor normalisation (shown in reprs and reports).
@@ -75,12 +75,36 @@ CONVENTION = ("Â = (1/N) Σ_n Σ_t ã ãᵀ, B̂ = (1/T) Σ_m Σ_t ẽ ẽᵀ (
               "layer block B̂ ⊗ Â on row-major vec([W | b])")
 
 
-def input_factor(a: Tensor, num_data: int | None = None) -> Tensor:
-    """``Â = (1/N) Σ_n Σ_t a_{nt} a_{nt}ᵀ`` from captured inputs ``a`` of shape ``(N, T, d_in)``.
+def location_gram(x: Tensor, scale: float = 1.0, symmetrize: bool = True) -> Tensor:
+    """``scale · Σ_m Σ_t x_{mt} x_{mt}ᵀ`` for ``x`` of shape ``(M, T, d)``.
+
+    One GEMM with the scale folded in. Unfolded convolution patches arrive as a transposed view of
+    a contiguous ``(M, d, T)`` tensor; when ``d ≤ T`` the sum is taken as one batched product on
+    that view, which avoids copying the ``M·T·d`` patches. ``symmetrize=False`` skips the
+    ``(G + Gᵀ)/2`` pass (callers whose factorisations read one triangle, e.g. the optimizers).
+    """
+    M, T, d = x.shape
+    xt = x.transpose(1, 2)
+    if T > 1 and d <= T and xt.is_contiguous():
+        G = torch.bmm(xt, x).sum(0)
+        if scale != 1.0:
+            G.mul_(scale)
+    else:
+        flat = x.reshape(-1, d)
+        G = torch.mm(flat.T, flat) if scale == 1.0 else torch.addmm(
+            flat.new_zeros(()), flat.T, flat, beta=0.0, alpha=scale)
+    return 0.5 * (G + G.T) if symmetrize else G
+
+
+def input_factor(a: Tensor, num_data: int | None = None, *, symmetrize: bool = True) -> Tensor:
+    """``Â = (1/N) Σ_n Σ_t a_{nt} a_{nt}ᵀ`` from captured inputs ``a`` of shape ``(N, T, d_in)``
+    (KFAC's input factor, paper eq 2 / App. E; FOOF's ``AAᵀ``, eq 6, as a batch mean). Serves
+    ``curvkit.fisher``, the optimizers, EWC and validate.
 
     Args:
         a: layer inputs (unfolded patches for a convolution, with a ones column for a bias).
         num_data: ``N`` (default ``a.shape[0]``).
+        symmetrize: see :func:`location_gram`.
 
     Returns:
         The symmetric ``(d_in, d_in)`` factor in ``a``'s dtype.
@@ -88,23 +112,26 @@ def input_factor(a: Tensor, num_data: int | None = None) -> Tensor:
     if a.dim() != 3:
         raise ValueError(f"a must be 3-D (N, T, d_in), got shape {tuple(a.shape)}")
     N = a.shape[0] if num_data is None else int(num_data)
-    flat = a.reshape(-1, a.shape[-1])
-    A = flat.T @ flat / N
-    return 0.5 * (A + A.T)
+    return location_gram(a, 1.0 / N, symmetrize)
 
 
-def output_factor(e: Tensor) -> Tensor:
-    """``B̂ = (1/T) Σ_m Σ_t ẽ_{mt} ẽ_{mt}ᵀ`` from captured errors ``e`` of shape ``(M, T, d_out)``.
+def output_factor(e: Tensor, *, symmetrize: bool = True) -> Tensor:
+    """``B̂ = (1/T) Σ_m Σ_t ẽ_{mt} ẽ_{mt}ᵀ`` from captured errors ``e`` of shape ``(M, T, d_out)``
+    (KFAC's output factor, paper eq 2 / App. E; KFC's ``1/T`` for convolutions).
 
     The Fisher scaling (``1/√N``, ``√p``, ``1/√S``) is already in ``e``, so no further division by
     ``N`` is needed: for ``T = 1`` this is ``(1/N) Σ_n E_y[e_n e_nᵀ]``.
+
+    Args:
+        e: layer errors.
+        symmetrize: see :func:`location_gram`.
+
+    Returns:
+        The symmetric ``(d_out, d_out)`` factor in ``e``'s dtype.
     """
     if e.dim() != 3:
         raise ValueError(f"e must be 3-D (M, T, d_out), got shape {tuple(e.shape)}")
-    T = e.shape[1]
-    flat = e.reshape(-1, e.shape[-1])
-    B = flat.T @ flat / T
-    return 0.5 * (B + B.T)
+    return location_gram(e, 1.0 / e.shape[1], symmetrize)
 
 
 @dataclass(frozen=True)

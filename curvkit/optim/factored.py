@@ -213,12 +213,17 @@ class FactoredOptimizer(CurvatureOptimizer):
             out.append(a)
         return out
 
-    @staticmethod
-    def _check_finite(name: str, X: Tensor, layer_desc: str, t: int, owner: str) -> None:
-        if not bool(torch.isfinite(X).all()):
-            raise FloatingPointError(f"{owner}: the {name} of layer {layer_desc} at step {t} has "
-                                     "non-finite values; the step was refused and the optimizer "
-                                     "state is unchanged")
+    def _check_finite(self, batch: list[dict[str, Tensor]], what: dict[str, str], t: int) -> None:
+        """One synchronisation for all factors of a batch: a Gram matrix ``Σ x xᵀ`` is finite iff
+        its diagonal is (``|G_ij| ≤ √(G_ii G_jj)``), so only the diagonals are summed."""
+        sums = torch.stack([d[k].diagonal().sum() for d in batch for k in d])
+        if bool(torch.isfinite(sums).all()):
+            return
+        bad = int((~torch.isfinite(sums)).nonzero()[0, 0])
+        i, k = divmod(bad, len(batch[0]))
+        raise FloatingPointError(f"{type(self).__name__}: the {what[list(batch[i])[k]]} of layer "
+                                 f"{self.layers[i].describe()} at step {t} has non-finite values; "
+                                 "the step was refused and the optimizer state is unchanged")
 
     # ------------------------------------------------------------------ the step
     def _new_ema(self, batch: list[dict[str, Tensor]]) -> tuple[list[dict[str, Tensor]], float]:
@@ -443,25 +448,6 @@ class FactoredOptimizer(CurvatureOptimizer):
         self.counts = dict(extra["counts"])
         self._reset_records()
         self._set_recording(self._records_at(self._step))
-
-
-def location_gram(x: Tensor) -> Tensor:
-    """``Σ_m Σ_t x_{mt} x_{mt}ᵀ`` for ``x`` of shape ``(M, T, d)``, symmetrised.
-
-    The input factor is ``Â = location_gram(a) / N`` and KFAC's output factor
-    ``B̂ = location_gram(e) / T`` (the formulas of :func:`curvkit.curvature.kfac.input_factor` and
-    ``output_factor``). Unfolded convolution patches arrive as a transposed view of a contiguous
-    ``(M, d, T)`` tensor; when ``d ≤ T`` the sum is taken as one batched product on that view,
-    which avoids copying the ``M·T·d`` patches.
-    """
-    M, T, d = x.shape
-    xt = x.transpose(1, 2)
-    if T > 1 and d <= T and xt.is_contiguous():
-        G = torch.bmm(xt, x).sum(0)
-    else:
-        flat = x.reshape(-1, d)
-        G = flat.T @ flat
-    return 0.5 * (G + G.T)
 
 
 def norm_ratio(a: Tensor, b: Tensor) -> float:

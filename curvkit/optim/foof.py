@@ -7,9 +7,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from curvkit.curvature.kfac import input_factor
 from curvkit.linalg import Kronecker
 from curvkit.linalg.kronecker import KroneckerInverse
-from curvkit.optim.factored import FactoredOptimizer, location_gram
+from curvkit.optim.factored import FactoredOptimizer
 
 
 class FOOF(FactoredOptimizer):
@@ -90,11 +91,8 @@ class FOOF(FactoredOptimizer):
                          ema_steps=ema_steps, precondition_with=precondition_with)
 
     def _batch_factors(self, t: int) -> list[dict[str, Tensor]]:
-        out = []
-        for layer, a in zip(self.layers, self._recorded_inputs(t)):
-            A = location_gram(a) / a.shape[0]  # Â = (1/N) Σ_n Σ_t a aᵀ
-            self._check_finite("inputs", A, layer.describe(), t, type(self).__name__)
-            out.append({"A": A})
+        out = [{"A": input_factor(a, symmetrize=False)} for a in self._recorded_inputs(t)]
+        self._check_finite(out, {"A": "inputs"}, t)
         return out
 
     def _invert(self, i: int, factors: dict[str, Tensor], damping: float) -> dict[str, Any]:

@@ -12,9 +12,10 @@ from torch import Tensor, nn
 
 from curvkit.capture.optim_hooks import ErrorRecorder
 from curvkit.capture.targets import LIKELIHOODS, check_choice
+from curvkit.curvature.kfac import input_factor, output_factor
 from curvkit.linalg import Kronecker
 from curvkit.linalg.kronecker import KroneckerInverse
-from curvkit.optim.factored import FactoredOptimizer, Plan, location_gram, norm_ratio
+from curvkit.optim.factored import FactoredOptimizer, Plan, norm_ratio
 
 #: KFAC's damping modes: the paper's heuristic (factored Tikhonov, eq 2) and the exact ("standard")
 #: damping ``(B̂ ⊗ Â + λI)⁻¹`` (eq 3); the name ``"exact"`` is the one every curvkit solve uses.
@@ -184,13 +185,9 @@ class KFAC(FactoredOptimizer):
             raise RuntimeError(f"{owner}: step {t} updates the factors, but the sampled-label "
                                "backward did not run: run the forward pass with gradients enabled "
                                "before opt.step(), and make the model return its (N, C) output")
-        out = []
-        for layer, a, e in zip(self.layers, inputs, self.errors.errors):
-            A = location_gram(a) / a.shape[0]  # Â = (1/N) Σ_n Σ_t a aᵀ
-            B = location_gram(e) / e.shape[1]  # B̂ = (1/T) Σ_m Σ_t e eᵀ (e carries 1/√N)
-            self._check_finite("inputs", A, layer.describe(), t, owner)
-            self._check_finite("sampled-label errors", B, layer.describe(), t, owner)
-            out.append({"A": A, "B": B})
+        out = [{"A": input_factor(a, symmetrize=False), "B": output_factor(e, symmetrize=False)}
+               for a, e in zip(inputs, self.errors.errors)]  # e carries the 1/√N
+        self._check_finite(out, {"A": "inputs", "B": "sampled-label errors"}, t)
         return out
 
     # ------------------------------------------------------------------ inversion and products
