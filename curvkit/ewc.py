@@ -62,8 +62,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from curvkit.capture import KINDS, LIKELIHOODS
 from curvkit.curvature import fisher, structures
+from curvkit.curvature.streaming import KINDS, LIKELIHOODS
 from curvkit.linalg import LinearOperator, LowRankFactor, OuterProductFactor
 
 __all__ = ["EWC"]

@@ -42,13 +42,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvkit.capture import KINDS, LIKELIHOODS, forward, loss_gradient
-from curvkit.capture.targets import check_choice, check_outputs, check_targets
 from curvkit.curvature import Curvature, fisher
 from curvkit.curvature import structures as registered_structures
 from curvkit.curvature.data import is_single_batch, iter_batches
 from curvkit.curvature.kfac import KroneckerBlockDiagonal, factors_of, input_factor
-from curvkit.linalg import available_memory_bytes
+from curvkit.curvature.streaming import (
+    KINDS,
+    LIKELIHOODS,
+    check_choice,
+    check_outputs,
+    check_targets,
+    forward,
+    loss_gradient,
+)
+from curvkit.linalg import available_memory_bytes, damped_cholesky
 
 __all__ = ["compare", "ValidationReport", "Row", "REFERENCES"]
 
@@ -328,9 +335,8 @@ def compare(
                 f"reference='explicit' needs about {need / 1e9:.1f} GB for {P}×{P} float64 "
                 "matrices; use reference='woodbury' (exact solves without a P×P matrix)")
         D_ref = _damped_dense(F, damping, "exact")
-        L, info = torch.linalg.cholesky_ex(D_ref)
         g64 = grad.to(torch.float64).unsqueeze(1)
-        x_ref = (torch.cholesky_solve(g64, L) if int(info) == 0 else torch.linalg.solve(D_ref, g64))[:, 0]
+        x_ref = damped_cholesky(D_ref, name="damped Fisher (explicit reference)").solve(g64)[:, 0]
     else:
         D_ref = None
         x_ref = F.solve(grad, damping).to(torch.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -52,6 +53,44 @@ def test_import_direction(path):
     elif part in APPLICATIONS:
         other_apps = imported & (APPLICATIONS - {part})
         assert not other_apps, f"{path.relative_to(ROOT)} imports application internals {other_apps}"
+
+
+#: Applications reach capture only through curvature (``curvkit.curvature.streaming``).
+CAPTURE_FREE = {"optim", "ewc", "hypergrad", "validate"}
+#: Factorisations belong to linalg; these applications compose its operators instead.
+FACTORISATION_FREE = {"optim", "ewc", "hypergrad", "validate"}
+FACTORISATIONS = re.compile(r"torch\.(?:linalg\.)?(?:cholesky\w*|eigh|eigvalsh|inv|inv_ex|svd|lu\w*|"
+                            r"cholesky_inverse)\(")
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(PKG)) for p in FILES])
+def test_applications_import_no_capture(path):
+    if _part(path) not in CAPTURE_FREE:
+        return
+    tree = ast.parse(path.read_text())
+    bad = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+           and n.module.startswith("curvkit.capture")]
+    bad += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+            if a.name.startswith("curvkit.capture")]
+    assert not bad, (f"{path.relative_to(ROOT)} imports {bad}; applications use capture only "
+                     "through curvkit.curvature (e.g. curvkit.curvature.streaming)")
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(PKG)) for p in FILES])
+def test_no_factorisation_outside_linalg(path):
+    if _part(path) not in FACTORISATION_FREE:
+        return
+    code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+    calls = sorted({m.group(0) for m in FACTORISATIONS.finditer(code)})
+    assert not calls, (f"{path.relative_to(ROOT)} factorises a matrix ({calls}); use "
+                       "curvkit.linalg (damped_cholesky, Kronecker.factorize, ...)")
+
+
+def test_factorisation_pattern_catches_calls():
+    for call in ("torch.linalg.cholesky_ex(A)", "torch.linalg.eigh(S)", "torch.cholesky_inverse(L)",
+                 "torch.linalg.inv(A)", "torch.linalg.lu_factor(A)"):
+        assert FACTORISATIONS.search(call), call
+    assert not FACTORISATIONS.search("damped_cholesky(S, lam).inverse()")
 
 
 HOOK_CALLS = ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",

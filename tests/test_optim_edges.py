@@ -169,3 +169,25 @@ def test_rank_deficient_float32_factor_in_kfac_does_not_crash():
         torch.nn.functional.cross_entropy(lin(x), torch.randint(0, 3, (16,))).backward()
         opt.step()
         assert lin.weight.dtype == torch.float32 and torch.isfinite(lin.weight).all()
+
+
+# ---------------------------------------------------------------------- float32 / float64 rule
+def test_inversion_dtype_rule_both_sides():
+    """Optimizer inversions factorise a float32 ``S + λI`` in float32 iff ``1 + tr(S)/λ ≤ 10³``;
+    otherwise (and for float64 factors, and for curvature solves) in float64. Both sides stay
+    accurate against a float64 inverse."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 20, generator=g, dtype=f64)
+    S64 = X.T @ X / 50  # tr ≈ 20
+    S = S64.float()
+    for lam, expect, tol in ((1.0, torch.float32, 1e-5), (1e-4, torch.float64, 1e-6)):
+        assert kron_mod.factorisation_dtype(S, lam) == expect
+        ref = torch.linalg.inv(S.double() + lam * torch.eye(20, dtype=f64))
+        got = kron_mod.damped_inverse(S, lam, allow_float32=True)
+        assert got.dtype == torch.float32
+        err = float((got.double() - ref).norm() / ref.norm())
+        assert err < tol, (lam, err)
+    assert kron_mod.factorisation_dtype(S64, 1.0) == f64
+    # the rule's bound: κ(S + λI) ≤ 1 + tr(S)/λ
+    ev = torch.linalg.eigvalsh(S64)
+    assert (ev.max() + 1.0) / (ev.min() + 1.0) <= 1 + float(S64.trace()) / 1.0

@@ -27,8 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from curvkit.capture import LayerAdapter, find_layers
-from curvkit.capture.eager import check_eager
+from curvkit.curvature.streaming import LayerAdapter, check_eager, find_layers
 
 #: Per-group hyperparameters every curvkit optimizer accepts.
 GROUP_KEYS = ("lr", "damping", "momentum", "weight_decay")

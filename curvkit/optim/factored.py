@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.capture import Recorder
+from curvkit.curvature.streaming import Recorder
 from curvkit.optim.base import CurvatureOptimizer, check_int, check_unit_interval, is_distributed
 
 #: The update orders of :class:`FactoredOptimizer` (see module doc).

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.capture.optim_hooks import ErrorRecorder
-from curvkit.capture.targets import LIKELIHOODS, check_choice
 from curvkit.curvature.kfac import input_factor, output_factor
+from curvkit.curvature.streaming import LIKELIHOODS, ErrorRecorder, check_choice
 from curvkit.linalg import Kronecker
 from curvkit.linalg.kronecker import KroneckerInverse
 from curvkit.optim.factored import FactoredOptimizer, Plan, norm_ratio

@@ -8,12 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.capture import KINDS, LIKELIHOODS, find_layers
-from curvkit.capture.guard import CheckSchedule
-from curvkit.capture.optim_hooks import InputRecorder
-from curvkit.capture.targets import check_choice
 from curvkit.curvature import Curvature, fisher
 from curvkit.curvature.build import layer_index
+from curvkit.curvature.streaming import (
+    KINDS,
+    LIKELIHOODS,
+    CheckSchedule,
+    InputRecorder,
+    check_choice,
+    find_layers,
+)
 from curvkit.linalg import BlockDiagonal, OuterProductFactor, StackedFactor, Woodbury
 from curvkit.optim.base import CurvatureOptimizer, check_int, is_distributed
 
