@@ -10,7 +10,8 @@ likelihoods with their checks come from here.
   (sampled labels for ``kind="mc"``, the loss-Hessian square root for ``"exact"``);
 * :class:`InputRecorder` -- the model's latest grad-enabled input (natural gradient);
 * :class:`LayerAdapter`, :func:`find_layers` -- the ``[W | b]`` layer view of a model;
-* :func:`forward` (run a model on a batch as users hold it), :func:`loss_gradient`, :func:`check_choice`, :func:`check_outputs`, :func:`check_targets`,
+* :func:`forward` (run a model on a batch as users hold it), :func:`loss_gradient`,
+  :func:`check_choice`, :func:`check_outputs`, :func:`check_targets`,
   :data:`KINDS`, :data:`LIKELIHOODS`;
 * :func:`check_eager` (refuse compiled modules) and :class:`CheckSchedule` (when the capture guard
   checks a recorded forward against autograd).
