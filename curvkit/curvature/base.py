@@ -125,15 +125,39 @@ class Curvature(LinearOperator):
     def _matmat(self, X: Tensor) -> Tensor:
         return self.from_layer_space(self.operator._matmat(self.to_layer_space(X)))
 
-    def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
+    def _layer_damping(self, damping):
+        """A per-parameter ``(P,)`` damping in layer order (scalars unchanged)."""
+        if isinstance(damping, Tensor):
+            return self.to_layer_space(damping[:, None])[:, 0]
+        return damping
+
+    def _solve(self, X: Tensor, damping, damping_mode: str) -> Tensor:
         return self.from_layer_space(
-            self.operator._solve(self.to_layer_space(X), damping, damping_mode))
+            self.operator._solve(self.to_layer_space(X), self._layer_damping(damping), damping_mode))
 
     def _prepare(self, damping: float, damping_mode: str) -> None:
         self.operator._prepare(damping, damping_mode)
 
-    def _logdet(self, damping: float) -> Tensor:
-        return self.operator._logdet(damping)
+    def _logdet(self, damping) -> Tensor:
+        return self.operator._logdet(self._layer_damping(damping))
+
+    # Gaussian methods of the linalg contract, mapped to the layer-space operator
+    def _sample(self, k: int, damping, generator: torch.Generator | None) -> Tensor:
+        return self.from_layer_space(self.operator._sample(k, self._layer_damping(damping), generator))
+
+    def _inverse_diagonal(self, damping) -> Tensor:
+        d = self.operator._inverse_diagonal(self._layer_damping(damping))
+        return self.from_layer_space(d[:, None])[:, 0]
+
+    def _inverse_quad_blocks(self, J, R: int, damping) -> Tensor:
+        from curvkit.linalg import DenseFactor
+
+        if not self._identity:
+            J = DenseFactor(self.to_layer_space(J.dense(torch.float64)))
+        return self.operator._inverse_quad_blocks(J, R, self._layer_damping(damping))
+
+    def _eigenvalues(self) -> Tensor:
+        return self.operator.eigenvalues()
 
     def _is_singular(self) -> bool:
         return self.operator._is_singular()

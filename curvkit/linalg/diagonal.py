@@ -1,15 +1,34 @@
-"""Diagonal operator ``A = diag(d)``."""
+"""Diagonal operator ``A = diag(a)`` (e.g. the diagonal Fisher; Benzing 2022, App. C.1 "diag")."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from curvkit.linalg.operator import LinearOperator, SingularError
+from curvkit.linalg.operator import Damping, LinearOperator, SingularError, damping_str
+
+
+def _plus(d: Tensor, damping: Damping) -> Tensor:
+    """``a + d`` in float64 for a scalar or ``(P,)`` damping."""
+    return d.to(torch.float64) + (damping.to(d.device) if isinstance(damping, Tensor) else damping)
 
 
 class Diagonal(LinearOperator):
-    """``diag(d)`` with ``d ≥ 0``: ``solve(v, λ) = v / (d + λ)``, ``logdet(λ) = Σ log(d + λ)``."""
+    """``diag(a)`` with ``a ≥ 0``; every damping (scalar or per parameter) is exact.
+
+    ``solve(v, D) = v / (a + d)``, ``logdet(D) = Σ log(a + d)``, samples ``z / √(a + d)``,
+    ``diag((A + D)⁻¹) = 1 / (a + d)``.
+
+    Args:
+        d: the ``(P,)`` diagonal ``a``.
+        block_shapes, name: see :class:`~curvkit.linalg.LinearOperator`.
+
+    Raises:
+        ValueError: ``d`` is not 1-D.
+        FloatingPointError: ``d`` has non-finite entries.
+    """
 
     def __init__(self, d: Tensor, block_shapes=None, name: str | None = None) -> None:
         if d.dim() != 1:
@@ -28,17 +47,47 @@ class Diagonal(LinearOperator):
     def _rank_bound(self) -> int:
         return int((self.d > 0).sum())
 
-    def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
+    def _damped(self, damping: Damping) -> Tensor:
+        s = _plus(self.d, damping)
+        if (s <= 0).any():
+            raise SingularError(f"{self.name} + {damping_str(damping)} is singular; pass damping > 0")
+        return s
+
+    def _solve(self, X: Tensor, damping: Damping, damping_mode: str) -> Tensor:
+        if isinstance(damping, Tensor):
+            return (X / self._damped(damping)[:, None]).to(X.dtype)
         return X / (self.d[:, None] + damping)
 
-    def _logdet(self, damping: float) -> Tensor:
-        s = self.d.to(torch.float64) + damping
-        if (s <= 0).any():
-            raise SingularError(f"{self.name} + {damping}·I is singular; pass damping > 0")
-        return s.log().sum()
+    def _logdet(self, damping: Damping) -> Tensor:
+        return self._damped(damping).log().sum()
+
+    # ------------------------------------------------------------------ Gaussian methods
+    def _sample(self, k: int, damping: Damping, generator: torch.Generator | None) -> Tensor:
+        Z = torch.randn(self.shape[0], k, dtype=torch.float64, device=self.device, generator=generator)
+        return (Z * self._damped(damping).rsqrt()[:, None]).to(self.dtype)
+
+    def _inverse_diagonal(self, damping: Damping) -> Tensor:
+        return 1.0 / self._damped(damping)
+
+    def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
+        from curvkit.linalg.operator import _column_group_grams
+
+        H = J.dense(torch.float64) * self._damped(damping).rsqrt()[:, None]
+        return _column_group_grams(H, R)
+
+    def _eigenvalues(self) -> Tensor:
+        return self.d.to(torch.float64).clamp_min(0.0)
+
+    def _logdet_function(self, group_sizes: list[int] | None) -> Callable[[Tensor], Tensor]:
+        if group_sizes is None:
+            return super()._logdet_function(None)
+        ev = self.eigenvalues()
+        counts = torch.tensor(group_sizes, device=ev.device)
+        return lambda t: torch.log(ev + torch.repeat_interleave(torch.exp(t), counts)).sum()
 
     def diagonal(self) -> Tensor:
         return self.d.clone()
 
     def to_dense(self) -> Tensor:
+        self._check_dense_memory()
         return torch.diag(self.d)

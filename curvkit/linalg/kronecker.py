@@ -42,7 +42,11 @@ import torch
 from torch import Tensor
 
 from curvkit.linalg.cholesky import damped_cholesky
-from curvkit.linalg.operator import LinearOperator, SingularError
+from curvkit.linalg.operator import Damping, LinearOperator, SingularError
+
+#: what to do instead of a per-parameter damping on a Kronecker block.
+_KRON_ALTERNATIVE = ("pass one damping per Kronecker block (a scalar, or a (P,) tensor constant on "
+                     "each layer), or use structure='full' or 'diag' for per-parameter damping")
 
 #: Largest condition bound ``1 + tr(S)/λ`` at which a float32 ``S + λI`` is factorised in float32.
 FLOAT32_MAX_COND = 1e3
@@ -362,7 +366,8 @@ class Kronecker(LinearOperator):
         else:
             self.eig()
 
-    def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
+    def _solve(self, X: Tensor, damping: Damping, damping_mode: str) -> Tensor:
+        damping = self._scalar_damping(damping, "the solve", _KRON_ALTERNATIVE)
         return self._from_mats(self.solve_matrix(self._to_mats(X), damping, damping_mode))
 
     def _is_singular(self) -> bool:
@@ -371,7 +376,8 @@ class Kronecker(LinearOperator):
         return bool((sA <= tol * max(1.0, float(sA.max()))).any()
                     or (sB is not None and (sB <= tol * max(1.0, float(sB.max()))).any()))
 
-    def _logdet(self, damping: float) -> Tensor:
+    def _logdet(self, damping: Damping) -> Tensor:
+        damping = self._scalar_damping(damping, "the log-determinant", _KRON_ALTERNATIVE)
         sA, _, sB, _ = self.eig()
         sB = sB if sB is not None else torch.ones(self.d_out, dtype=torch.float64, device=sA.device)
         vals = sB[:, None] * sA[None, :] + damping
@@ -385,5 +391,64 @@ class Kronecker(LinearOperator):
         return torch.outer(dB, self.A.diagonal()).reshape(-1)
 
     def to_dense(self) -> Tensor:
+        self._check_dense_memory()
         B = self.B if self.B is not None else torch.eye(self.d_out, dtype=self.dtype, device=self.device)
         return torch.kron(B, self.A)
+
+    # ------------------------------------------------------------------ Laplace-side methods
+    # Standard (exact) damping only. In the eigenbasis U_B ⊗ U_A the damped operator is diagonal
+    # with eigenvalues s_B s_Aᵀ + λ (d_out × d_in); a column block X (P, k) of row-major vec_r(G_j)
+    # is handled as G of shape (o, d, k) so that every product below is one GEMM.
+    def _eigenbasis(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U_A, U_B, s_B s_Aᵀ)`` in float64 (``U_B = I``, ``s_B = 1`` for an identity ``B``)."""
+        sA, UA, sB, UB = self.eig()
+        if sB is None:
+            sB = torch.ones(self.d_out, dtype=torch.float64, device=sA.device)
+            UB = torch.eye(self.d_out, dtype=torch.float64, device=sA.device)
+        return UA, UB, sB[:, None] * sA[None, :]
+
+    def _damped_eigenvalues(self, damping: Damping, what: str) -> Tensor:
+        lam = self._eigenbasis()[2] + self._scalar_damping(damping, what, _KRON_ALTERNATIVE)
+        if (lam <= 0).any():
+            raise SingularError(f"{self.name} + {float(lam.min()):.3g}·I is singular; pass damping > 0")
+        return lam
+
+    def _to_eig(self, X: Tensor) -> Tensor:
+        """``U_Bᵀ G_j U_A`` for every column ``j``: ``(P, k) -> (o, k, d)`` (float64)."""
+        UA, UB, _ = self._eigenbasis()
+        k = X.shape[1]
+        Z = UB.T @ X.to(torch.float64).contiguous().reshape(self.d_out, self.d_in * k)
+        Z = Z.reshape(self.d_out, self.d_in, k).transpose(1, 2).reshape(self.d_out * k, self.d_in)
+        return (Z @ UA).reshape(self.d_out, k, self.d_in)
+
+    def _from_eig(self, H: Tensor) -> Tensor:
+        """``U_B H_j U_Aᵀ`` for ``H`` of shape ``(o, k, d)``: ``-> (P, k)`` (float64)."""
+        UA, UB, _ = self._eigenbasis()
+        k = H.shape[1]
+        Y = (H.reshape(self.d_out * k, self.d_in) @ UA.T).reshape(self.d_out, k * self.d_in)
+        Y = (UB @ Y).reshape(self.d_out, k, self.d_in)
+        return Y.transpose(1, 2).reshape(self.shape[0], k)
+
+    def _sample(self, k: int, damping: Damping, generator: torch.Generator | None) -> Tensor:
+        """``U_B [Z ⊘ √(s_B s_Aᵀ + λ)] U_Aᵀ`` with ``Z`` standard normal."""
+        lam = self._damped_eigenvalues(damping, "sampling")
+        Z = torch.randn(self.d_out, k, self.d_in, dtype=torch.float64, device=lam.device,
+                        generator=generator)
+        return self._from_eig(Z * lam.rsqrt()[:, None, :]).to(self.dtype)
+
+    def _inverse_diagonal(self, damping: Damping) -> Tensor:
+        """``diag((B ⊗ A + λI)⁻¹) = vec_r((U_B ⊙ U_B) (1 ⊘ (s_B s_Aᵀ + λ)) (U_A ⊙ U_A)ᵀ)``."""
+        lam = self._damped_eigenvalues(damping, "the inverse diagonal")
+        UA, UB, _ = self._eigenbasis()
+        return ((UB**2) @ (1.0 / lam) @ (UA**2).T).reshape(-1)
+
+    def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
+        lam = self._damped_eigenvalues(damping, "the functional variance")
+        X = J.dense(torch.float64)
+        H = self._to_eig(X) * lam.rsqrt()[:, None, :]  # (o, k, d)
+        n = X.shape[1] // R
+        H = H.reshape(self.d_out, n, R, self.d_in).permute(1, 2, 0, 3).reshape(n, R, -1)
+        return H @ H.transpose(1, 2)
+
+    def _eigenvalues(self) -> Tensor:
+        return self._eigenbasis()[2].reshape(-1)

@@ -4,18 +4,27 @@ A :class:`LinearOperator` represents a symmetric positive semi-definite matrix `
 ``(P, P)``. Subclasses implement the smallest possible contract:
 
 * ``_matmat(X)``: ``A @ X`` for ``X`` of shape ``(P, k)``;
-* ``_solve(X, damping)``: ``(A + damping·I)⁻¹ X`` (optional; default raises);
-* ``_logdet(damping)``: ``log det(A + damping·I)`` (optional; default from ``to_dense``).
+* ``_solve(X, damping)``: ``(A + D)⁻¹ X`` (optional; default raises);
+* ``_logdet(damping)``: ``log det(A + D)`` (optional; default from ``to_dense``);
+* the Gaussian methods ``_sample``, ``_inverse_diagonal``, ``_inverse_quad_blocks`` and
+  ``_eigenvalues`` (optional; defaults factorise ``to_dense() + D`` for small ``P``).
+
+``damping`` is everywhere a number ``λ ≥ 0`` (``D = λ I``) or a ``(P,)`` tensor ``d ≥ 0``
+(``D = diag(d)``, one value per parameter: the Laplace precision ``Λ = n F + diag(δ)`` of
+Benzing 2022, App. C.1, is ``n F`` with a diagonal damping). A structure for which a per-parameter
+damping is not exact raises :class:`DampingError` naming the structure and the alternative.
 
 Everything else -- ``@`` on ``(P,)``, ``(P, k)`` or a list of tensors shaped like ``block_shapes``,
-``solve``, ``inverse``, ``logdet``, ``to_dense``, ``to_scipy``, ``+`` and scalar ``*`` -- is
-derived here, with the input checks (shape, dtype, device, finiteness, damping sign) done once.
+``solve``, ``inverse``, ``logdet``, ``sample``, ``inverse_diagonal``, ``inverse_quad_blocks``,
+``eigenvalues``, ``logdet_function``, ``to_dense``, ``to_scipy``, ``+`` and scalar ``*`` -- is
+derived here, with the input checks (shape, dtype, device, finiteness of right-hand sides,
+damping sign and shape, memory) done once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.sparse.linalg as spla
@@ -23,10 +32,23 @@ import torch
 from torch import Tensor
 
 Vector = Tensor | list[Tensor] | tuple[Tensor, ...]
+Damping = float | Tensor
+
+#: largest operator factorised explicitly by the dense defaults of the Gaussian methods.
+MAX_DENSE = 8192
 
 
 class SingularError(ValueError):
     """Raised when ``A + damping·I`` is singular (e.g. damping 0 on a rank-deficient Fisher)."""
+
+
+class DampingError(TypeError, ValueError):
+    """A per-parameter damping that a structure cannot apply exactly (names the alternative)."""
+
+
+def damping_str(damping: Damping) -> str:
+    """``"λ·I"`` or ``"diag(d)"`` for messages."""
+    return "diag(d)" if isinstance(damping, Tensor) else f"{damping}·I"
 
 
 class LinearOperator:
@@ -73,13 +95,65 @@ class LinearOperator:
             "with a factorised inverse"
         )
 
-    def _logdet(self, damping: float) -> Tensor:
+    def _logdet(self, damping: Damping) -> Tensor:
         A = self.to_dense().to(torch.float64)
-        A = A + damping * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        A.diagonal().add_(damping.to(A.device) if isinstance(damping, Tensor) else damping)
         sign, logabs = torch.linalg.slogdet(A)
         if sign <= 0:
-            raise SingularError(f"{self.name} + {damping}·I is singular or indefinite")
+            raise SingularError(f"{self.name} + {damping_str(damping)} is singular or indefinite")
         return logabs
+
+    def _dense_factor(self, damping: Damping):
+        """``damped_cholesky(A + D)`` of the explicit matrix (``P ≤`` :data:`MAX_DENSE`)."""
+        from curvkit.linalg.cholesky import damped_cholesky
+
+        P = self.shape[0]
+        if P > MAX_DENSE:
+            raise NotImplementedError(
+                f"{self.name} ({P} parameters) has no factorised form for this method and is too "
+                f"large (> {MAX_DENSE}) to form explicitly; use structure='full', 'kfac', 'foof' "
+                "or 'diag'")
+        return damped_cholesky(self.to_dense(), damping, name=self.name)
+
+    def _sample(self, k: int, damping: Damping, generator: torch.Generator | None) -> Tensor:
+        Z = torch.randn(self.shape[0], k, dtype=torch.float64, device=self.device, generator=generator)
+        return self._dense_factor(damping).inv_sqrt(Z).to(self.dtype)
+
+    def _inverse_diagonal(self, damping: Damping) -> Tensor:
+        return self._dense_factor(damping).inverse_diagonal()
+
+    def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
+        X = J.dense(torch.float64)
+        H = self._dense_factor(damping).half_solve(X)
+        return _column_group_grams(H, R)
+
+    def _eigenvalues(self) -> Tensor:
+        A = self.to_dense().to(torch.float64)
+        return torch.linalg.eigvalsh(0.5 * (A + A.T)).clamp_min(0.0)
+
+    def _logdet_function(self, group_sizes: list[int] | None) -> Callable[[Tensor], Tensor]:
+        if group_sizes is not None and len(group_sizes) > 1:
+            raise NotImplementedError(
+                f"{self.name}: log det(A + diag(e^t_g)) for {len(group_sizes)} damping groups is not "
+                "available for this structure; use one scalar damping")
+        ev, P = self.eigenvalues(), self.shape[0]
+
+        def fn(t: Tensor) -> Tensor:
+            t = t.reshape(-1)[0] if t.dim() else t
+            return P * t + torch.log1p(ev * torch.exp(-t)).sum()
+
+        return fn
+
+    def _scalar_damping(self, damping: Damping, what: str, alternative: str) -> float:
+        """``damping`` as a float; a constant tensor is accepted, any other raises DampingError."""
+        if not isinstance(damping, Tensor):
+            return damping
+        if bool((damping == damping[0]).all()):
+            return float(damping[0])
+        raise DampingError(
+            f"{self.name}: {what} with a per-parameter damping (values in "
+            f"[{float(damping.min()):.4g}, {float(damping.max()):.4g}]) is not exact for this "
+            f"structure; {alternative}")
 
     #: True when the operator is known to be rank-deficient (damping 0 then has no inverse).
     def _is_singular(self) -> bool:
@@ -150,7 +224,21 @@ class LinearOperator:
         """``A @ v`` (alias of ``@``)."""
         return self @ v
 
-    def _check_damping(self, damping: float) -> float:
+    def _check_damping(self, damping: Damping) -> Damping:
+        P = self.shape[0]
+        if isinstance(damping, Tensor) and damping.numel() != 1:
+            if damping.dim() != 1 or damping.shape[0] != P or not damping.is_floating_point():
+                raise DampingError(
+                    f"damping has shape {tuple(damping.shape)} ({damping.dtype}); {self.name} accepts "
+                    f"a number or a float tensor of shape ({P},) (one value per parameter)")
+            d = damping.detach().to(device=self.device, dtype=torch.float64)
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError("damping has NaN or Inf entries; pass finite values ≥ 0")
+            if bool((d < 0).any()):
+                raise ValueError(f"damping must be ≥ 0, got a minimum of {float(d.min()):.4g}")
+            if bool((d == 0).all()):
+                return self._check_damping(0.0)
+            return d
         if isinstance(damping, Tensor):
             damping = float(damping)
         if not isinstance(damping, (int, float)) or not math.isfinite(damping):
@@ -167,13 +255,23 @@ class LinearOperator:
     def _rank_bound(self) -> int:
         return self.shape[0]
 
-    def solve(self, v: Vector, damping: float = 0.0, damping_mode: str = "exact") -> Vector:
-        """``(A + damping·I)⁻¹ v`` for ``v`` in any vector format; same format back.
+    def solve(self, v: Vector, damping: Damping = 0.0, damping_mode: str = "exact") -> Vector:
+        """``(A + D)⁻¹ v`` for ``v`` in any vector format; same format back.
 
         Args:
             v: ``(P,)``, ``(P, k)`` or a list of tensors shaped like ``block_shapes``.
-            damping: ``λ ≥ 0`` added to the diagonal; must be > 0 if ``A`` is singular.
+            damping: ``λ ≥ 0`` (``D = λ I``) or a ``(P,)`` tensor (``D = diag(d)``); must be > 0
+                where ``A`` is singular.
             damping_mode: ``"exact"`` (always) or a structure-specific mode (KFAC: ``"heuristic"``).
+
+        Returns:
+            ``(A + D)⁻¹ v`` in the format of ``v``.
+
+        Raises:
+            ValueError: ``v`` has the wrong shape or NaN/Inf entries; bad damping or mode.
+            TypeError: ``v`` has the wrong dtype.
+            DampingError: a per-parameter damping this structure cannot apply exactly.
+            SingularError: ``A + D`` is singular.
         """
         if damping_mode not in self.damping_modes:
             raise ValueError(
@@ -182,10 +280,107 @@ class LinearOperator:
             )
         damping = self._check_damping(damping)
         X, fmt = self._to_matrix(v)
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError(f"the right-hand side of {self.name}.solve has NaN or Inf entries; "
+                             "check the gradients or vectors passed (a solve of them is undefined)")
         return self._from_matrix(self._solve(X, damping, damping_mode), fmt)
 
-    def inverse(self, damping: float = 0.0, damping_mode: str = "exact") -> LinearOperator:
-        """The operator ``(A + damping·I)⁻¹`` (applied through :meth:`solve`)."""
+    def sample(self, k: int, damping: Damping = 0.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """``k`` exact draws from ``N(0, (A + D)⁻¹)`` as a ``(P, k)`` tensor (operator dtype).
+
+        Args:
+            k: number of draws (≥ 1).
+            damping: see :meth:`solve`.
+            generator: the only source of randomness.
+
+        Returns:
+            ``(P, k)`` samples.
+
+        Raises:
+            ValueError: ``k`` is not a positive int; bad damping.
+            MemoryError: the samples would not fit (GB stated).
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        damping = self._check_damping(damping)
+        item = torch.finfo(self.dtype).bits // 8
+        check_memory(int(k) * self.shape[0] * item, f"{k} samples of {self.shape[0]} parameters",
+                     self.device)
+        return self._sample(int(k), damping, generator)
+
+    def inverse_diagonal(self, damping: Damping = 0.0) -> Tensor:
+        """``diag((A + D)⁻¹)`` as a float64 ``(P,)`` tensor (e.g. Laplace marginal variances).
+
+        Args:
+            damping: see :meth:`solve`.
+
+        Returns:
+            The ``(P,)`` diagonal.
+        """
+        return self._inverse_diagonal(self._check_damping(damping))
+
+    def inverse_quad_blocks(self, J, R: int, damping: Damping = 0.0) -> Tensor:
+        """Diagonal ``R × R`` blocks of ``Jᵀ (A + D)⁻¹ J`` (float64, ``(M/R, R, R)``).
+
+        ``J`` (``P × M``) holds ``M/R`` consecutive groups of ``R`` columns, e.g. the ``C`` output
+        Jacobian columns of each test input: the blocks are the GLM functional covariances
+        ``J(x) Λ⁻¹ J(x)ᵀ`` (Immer et al. 2021; Benzing 2022, App. C.1).
+
+        Args:
+            J: a :class:`~curvkit.linalg.LowRankFactor` or an explicit ``(P, M)`` tensor.
+            R: the group size (must divide ``M``).
+            damping: see :meth:`solve`.
+
+        Returns:
+            ``(M/R, R, R)`` float64.
+
+        Raises:
+            ValueError: ``J`` has the wrong number of rows or ``R`` does not divide ``M``.
+        """
+        from curvkit.linalg.lowrank import DenseFactor
+
+        if isinstance(J, Tensor):
+            J = DenseFactor(J)
+        if J.size != self.shape[0]:
+            raise ValueError(f"J has {J.size} rows but {self.name} is {self.shape[0]}×{self.shape[0]}")
+        if R < 1 or J.rank % R:
+            raise ValueError(f"R = {R} must divide the number of columns M = {J.rank}")
+        return self._inverse_quad_blocks(J, R, self._check_damping(damping))
+
+    def eigenvalues(self) -> Tensor:
+        """Eigenvalues of ``A`` (float64, ≥ 0): at most ``P`` of them; missing ones are 0.
+
+        One decomposition serves ``log det(A + δ I) = (P − n) log δ + Σ_i log(λ_i + δ)`` for every
+        scalar ``δ`` (``n`` = the number returned). Cached.
+
+        Returns:
+            The ``(n,)`` eigenvalues, ``n ≤ P``.
+        """
+        if getattr(self, "_eigenvalue_cache", None) is None:
+            self._eigenvalue_cache = self._eigenvalues()
+        return self._eigenvalue_cache
+
+    def logdet_function(self, group_sizes: Sequence[int] | None = None) -> Callable[[Tensor], Tensor]:
+        """``t ↦ log det(A + diag(e^{t_g} on group g))``, differentiable in ``t``.
+
+        Args:
+            group_sizes: consecutive groups of the ``P`` entries sharing one damping (e.g. layers);
+                ``None``: one scalar ``t`` (from :meth:`eigenvalues`, one decomposition for all).
+
+        Returns:
+            The function of a float64 tensor ``t`` (scalar, or one entry per group).
+
+        Raises:
+            NotImplementedError: several groups on a structure without a per-group form.
+        """
+        sizes = None if group_sizes is None else [int(g) for g in group_sizes]
+        if sizes is not None and sum(sizes) != self.shape[0]:
+            raise ValueError(f"group sizes sum to {sum(sizes)}, expected {self.shape[0]}")
+        return self._logdet_function(sizes)
+
+    def inverse(self, damping: Damping = 0.0, damping_mode: str = "exact") -> LinearOperator:
+        """The operator ``(A + D)⁻¹`` (applied through :meth:`solve`)."""
         if damping_mode not in self.damping_modes:
             raise ValueError(
                 f"damping_mode={damping_mode!r} is not available for {self.name}; it supports "
@@ -203,20 +398,27 @@ class LinearOperator:
                 f"damping_mode={damping_mode!r} is not available for {self.name}; it supports "
                 f"{list(self.damping_modes)}"
             )
-        self._prepare(self._check_damping(damping), damping_mode)
+        damping = self._check_damping(damping)
+        if not isinstance(damping, Tensor):
+            self._prepare(damping, damping_mode)
         return self
 
     def _prepare(self, damping: float, damping_mode: str) -> None:
         """Hook for :meth:`factorize`; structures with a cached factorisation override it."""
 
-    def logdet(self, damping: float = 0.0) -> Tensor:
-        """``log det(A + damping·I)`` as a float64 scalar tensor."""
+    def logdet(self, damping: Damping = 0.0) -> Tensor:
+        """``log det(A + D)`` as a float64 scalar tensor (``damping`` as for :meth:`solve`)."""
         return self._logdet(self._check_damping(damping))
 
-    def to_dense(self) -> Tensor:
-        """The explicit ``(P, P)`` matrix (only for small ``P``)."""
+    def _check_dense_memory(self, copies: int = 1) -> None:
         P = self.shape[0]
-        check_memory(P * P * torch.finfo(self.dtype).bits // 8, f"{self.name}.to_dense()", self.device)
+        check_memory(copies * P * P * torch.finfo(self.dtype).bits // 8, f"{self.name}.to_dense()",
+                     self.device)
+
+    def to_dense(self) -> Tensor:
+        """The explicit ``(P, P)`` matrix (only for small ``P``; memory checked, GB stated)."""
+        P = self.shape[0]
+        self._check_dense_memory(2)
         eye = torch.eye(P, dtype=self.dtype, device=self.device)
         return self._matmat(eye)
 
@@ -225,17 +427,29 @@ class LinearOperator:
         return self.to_dense().diagonal().clone()
 
     def to_scipy(self) -> spla.LinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` (numpy float64 in and out)."""
+        """A ``scipy.sparse.linalg.LinearOperator`` (numpy float64 in and out).
+
+        The products are computed in the operator's own dtype, reported as the attribute
+        ``compute_dtype`` of the result (and its ``eps``): for a float32 operator an iterative
+        solver cannot reach a true residual much below ``~1e-7·‖A‖‖x‖`` whatever its ``rtol``;
+        build the curvature in float64 (``model.double()``) to solve to float64 accuracy.
+
+        Returns:
+            The scipy operator, with ``compute_dtype`` (``torch.dtype``) and ``eps`` (float).
+        """
 
         def mm(x: np.ndarray) -> np.ndarray:
             X = torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
             X = X.reshape(self.shape[0], -1)
             return self._matmat(X).detach().cpu().to(torch.float64).numpy()
 
-        return spla.LinearOperator(
+        op = spla.LinearOperator(
             self.shape, matvec=lambda x: mm(x).ravel(), matmat=mm, rmatvec=lambda x: mm(x).ravel(),
             dtype=np.float64,
         )
+        op.compute_dtype = self.dtype
+        op.eps = float(torch.finfo(self.dtype).eps)
+        return op
 
     def __add__(self, other: LinearOperator) -> LinearOperator:
         if not isinstance(other, LinearOperator):
@@ -251,24 +465,36 @@ class LinearOperator:
         return f"{self.name}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
 
 
-class InverseOperator(LinearOperator):
-    """``(A + λI)⁻¹`` for a base operator ``A``; ``@`` calls ``A.solve``."""
+def _column_group_grams(H: Tensor, R: int) -> Tensor:
+    """``(n, R, R)`` Grams ``H_gᵀ H_g`` of the consecutive ``R``-column groups of ``H`` (``P × nR``)."""
+    n = H.shape[1] // R
+    G = H.reshape(H.shape[0], n, R)
+    return torch.einsum("pnr,pnq->nrq", G, G)
 
-    def __init__(self, base: LinearOperator, damping: float, damping_mode: str = "exact") -> None:
+
+def _apply_diag(d: Damping, X: Tensor) -> Tensor:
+    """``D X`` for a scalar or ``(P,)`` damping."""
+    return d.to(X.dtype)[:, None] * X if isinstance(d, Tensor) else d * X
+
+
+class InverseOperator(LinearOperator):
+    """``(A + D)⁻¹`` for a base operator ``A``; ``@`` calls ``A.solve``."""
+
+    def __init__(self, base: LinearOperator, damping: Damping, damping_mode: str = "exact") -> None:
         super().__init__(base.shape[0], base.dtype, base.device, base.block_shapes,
-                         name=f"({base.name} + {damping}·I)⁻¹")
+                         name=f"({base.name} + {damping_str(damping)})⁻¹")
         self.base, self.damping, self.damping_mode = base, damping, damping_mode
 
     def _matmat(self, X: Tensor) -> Tensor:
         return self.base._solve(X, self.damping, self.damping_mode)
 
-    def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
-        if damping != 0:
+    def _solve(self, X: Tensor, damping: Damping, damping_mode: str) -> Tensor:
+        if isinstance(damping, Tensor) or damping != 0:
             raise NotImplementedError(f"{self.name}: solve with extra damping is not supported")
-        return self.base._matmat(X) + self.damping * X
+        return self.base._matmat(X) + _apply_diag(self.damping, X)
 
-    def _logdet(self, damping: float) -> Tensor:
-        if damping != 0:
+    def _logdet(self, damping: Damping) -> Tensor:
+        if isinstance(damping, Tensor) or damping != 0:
             return super()._logdet(damping)
         if self.damping_mode != "exact":
             return super()._logdet(0.0)
@@ -296,11 +522,14 @@ class _Sum(LinearOperator):
 
 
 class _Scaled(LinearOperator):
+    """``c·A``: every method maps to ``A`` with the damping divided by ``c``."""
+
     def __init__(self, a: LinearOperator, c: float) -> None:
         if c < 0:
             raise ValueError(f"scaling must be ≥ 0 to keep the operator PSD, got {c}")
         super().__init__(a.shape[0], a.dtype, a.device, a.block_shapes, name=f"{c}·{a.name}")
         self.a, self.c = a, c
+        self.damping_modes = a.damping_modes
 
     def _matmat(self, X: Tensor) -> Tensor:
         return self.c * self.a._matmat(X)
@@ -311,15 +540,45 @@ class _Scaled(LinearOperator):
     def _rank_bound(self) -> int:
         return 0 if self.c == 0 else self.a._rank_bound()
 
-    def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
+    def _solve(self, X: Tensor, damping: Damping, damping_mode: str) -> Tensor:
         if self.c == 0:
-            return X / damping
+            return X / damping[:, None] if isinstance(damping, Tensor) else X / damping
         return self.a._solve(X, damping / self.c, damping_mode) / self.c
 
-    def _logdet(self, damping: float) -> Tensor:
+    def _prepare(self, damping: float, damping_mode: str) -> None:
+        if self.c != 0:
+            self.a._prepare(damping / self.c, damping_mode)
+
+    def _logdet(self, damping: Damping) -> Tensor:
         if self.c == 0:
+            if isinstance(damping, Tensor):
+                return damping.log().sum()
             return torch.tensor(self.shape[0] * math.log(damping), dtype=torch.float64)
         return self.shape[0] * math.log(self.c) + self.a._logdet(damping / self.c)
+
+    def _nonzero(self) -> None:
+        if self.c == 0:
+            raise NotImplementedError(f"{self.name}: the zero operator; use the damping alone")
+
+    def _sample(self, k: int, damping: Damping, generator: torch.Generator | None) -> Tensor:
+        self._nonzero()
+        return self.a._sample(k, damping / self.c, generator) / math.sqrt(self.c)
+
+    def _inverse_diagonal(self, damping: Damping) -> Tensor:
+        self._nonzero()
+        return self.a._inverse_diagonal(damping / self.c) / self.c
+
+    def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
+        self._nonzero()
+        return self.a._inverse_quad_blocks(J, R, damping / self.c) / self.c
+
+    def _eigenvalues(self) -> Tensor:
+        return self.c * self.a.eigenvalues()
+
+    def _logdet_function(self, group_sizes: list[int] | None) -> Callable[[Tensor], Tensor]:
+        self._nonzero()
+        fa, shift, P = self.a._logdet_function(group_sizes), math.log(self.c), self.shape[0]
+        return lambda t: P * shift + fa(t - shift)
 
     def diagonal(self) -> Tensor:
         return self.c * self.a.diagonal()

@@ -26,11 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvkit.linalg.lowrank import CHUNK_BYTES, LowRankFactor, rank_one_split
 from curvkit.linalg.operator import check_memory
-from curvkit.linalg.woodbury import LowRankFactor
-
-#: Peak bytes per chunk of intermediate tensors in Gram computations.
-CHUNK_BYTES = 2**28
 
 #: Entries of the float64 row-chunk buffer of the float64-accumulated products (2 MB).
 CHUNK64 = 2**18
@@ -241,3 +238,51 @@ class OuterProductFactor(LowRankFactor):
                 Yi.addmm_(Ew[j, i:i + n], a, beta=scale, alpha=-scale)  # scale·(X − Σ_n ẽ_n a_nᵀ)
                 Ov[j, i:i + n].copy_(Yi)
         return out
+
+    # ------------------------------------------------------------------ float64 Grams (Laplace)
+    def to64(self) -> LowRankFactor:
+        return self._as64()
+
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The explicit ``(P, M)`` factor: the per-sample gradients, transposed."""
+        dtype = dtype or self.dtype
+        check_memory(self.size * self.rank * torch.finfo(dtype).bits // 8,
+                     f"the explicit {self.size}×{self.rank} factor", self.device)
+        return self.per_sample_gradients().reshape(self.rank, -1).T.to(dtype)
+
+
+    def gram_flops(self) -> float:
+        M = self.rank
+        if self.T == 1:
+            return 2.0 * (self.N**2 * self.d_in + M**2 * self.d_out) + M**2
+        if self.gram_route == "hadamard":
+            return 2.0 * (self.N**2 * self.d_in + M**2 * self.d_out) * self.T**2
+        return 2.0 * (M * self.T * self.size + M**2 * self.size)
+
+    def cross_gram64(self, other: LowRankFactor) -> Tensor:
+        if isinstance(other, OuterProductFactor) and self.T == 1 and other.T == 1:
+            Ka = self.a[:, 0, :].double() @ other.a[:, 0, :].double().T
+            Ke = self.e[:, 0, :].double() @ other.e[:, 0, :].double().T
+            Ke.view(self.N, self.R, other.N, other.R).mul_(Ka[:, None, :, None])
+            return Ke
+        return super().cross_gram64(other)
+
+    def block_grams64(self, R: int) -> Tensor:
+        if self.T == 1 and self.R == R:
+            aa = (self.a[:, 0, :].double() ** 2).sum(1)
+            e = self.e[:, 0, :].double().reshape(self.N, R, self.d_out)
+            return aa[:, None, None] * (e @ e.transpose(1, 2))
+        return super().block_grams64(R)
+
+    def whiten(self, r: Tensor) -> LowRankFactor:
+        """``diag(r) U``; keeps the layer form when ``r²`` is rank one on the ``d_out × d_in`` grid
+        (a scalar, or one scalar per weight and bias): ``OuterProductFactor(a ⊙ √c, e ⊙ √ρ)``."""
+        r = r.to(torch.float64)
+        if bool((r == r[0]).all()):
+            return OuterProductFactor(self.a, self.e * float(r[0]), self.gram_route)
+        split = rank_one_split((r**2).reshape(self.d_out, self.d_in))
+        if split is not None:
+            rho, c = split
+            return OuterProductFactor(self.a * c.sqrt().to(self.dtype),
+                                      self.e * rho.sqrt().to(self.dtype), self.gram_route)
+        return super().whiten(r)

@@ -31,222 +31,49 @@ and ``x`` is rounded to the working dtype once. Then ``δ ≈ c·2⁻⁵³``: th
 limit plus ≈ ``c·2⁻⁵³·σ²_max/λ`` (float64 solves: ≈ 1e-11 on the problem above). The float64
 GEMMs cost about twice the float32 flops (time); layer factors convert ``v`` in row chunks, so no
 ``P``-sized float64 temporary is allocated.
+
+**Diagonal damping and the Gaussian methods** (the Laplace precision ``Λ = U Uᵀ + D``, Benzing 2022,
+App. C.1, eqs 7–11). Every damped inverse is written as ``(A + D)⁻¹ = R (I − V Ĉ⁻¹ Vᵀ) R`` with
+
+* scalar ``λ``: ``R = λ^{-1/2}``, ``V = U``, ``Ĉ = λ I_M + K`` (the factorisation above), ``c = λ``;
+* diagonal ``D``: ``R = D^{-1/2}``, ``V = D^{-1/2} U`` (:meth:`LowRankFactor.whiten`; the Hadamard
+  trick survives a damping constant per weight/bias tensor), ``Ĉ = I_M + VᵀV``, ``c = 1``.
+
+Then (``y ∼ N(0, I_P)``, ``z ∼ N(0, I_M)``; the perturbation trick of eq 11)::
+
+    log det(A + D) = −2 log det R + log det Ĉ − M log c
+    x = y − V Ĉ⁻¹ (Vᵀ y + √c z),   R x ∼ N(0, (A + D)⁻¹)          (E[x xᵀ] = I − V Ĉ⁻¹ Vᵀ)
+    diag((A + D)⁻¹) = R² (1 − rownorms²(V L⁻ᵀ)),   Ĉ = L Lᵀ
+    Jᵀ (A + D)⁻¹ J = (R J)ᵀ (R J) − Qᵀ Ĉ⁻¹ Q,   Q = Vᵀ (R J)
+
+(no ``P × P`` matrix; test Jacobian factors ``J`` of dense layers enter through Grams only). The
+primal route factorises ``U Uᵀ + D`` itself. The eigenvalues of ``U Uᵀ`` come from the smaller
+of ``K`` and ``U Uᵀ``.
+
+Route ``"cost"`` picks, among the routes that fit in memory, the one with fewer flops to build and
+factorise its core (:meth:`Woodbury.route_costs`); ``"auto"`` is "primal iff ``P ≤ M``".
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
-from curvkit.linalg.operator import LinearOperator, check_memory
+from curvkit.linalg.lowrank import CHUNK_BYTES, DenseFactor, LowRankFactor, StackedFactor
+from curvkit.linalg.operator import (
+    Damping,
+    LinearOperator,
+    _column_group_grams,
+    available_memory_bytes,
+    check_memory,
+)
+from curvkit.linalg.outer import colmajor
 
-
-class LowRankFactor:
-    """Abstract ``U ∈ R^{P×M}`` given through products only.
-
-    Attributes:
-        size: ``P`` (rows).
-        rank: ``M`` (columns).
-        dtype, device: of the vectors it acts on.
-    """
-
-    size: int
-    rank: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def rmatmat(self, X: Tensor) -> Tensor:
-        """``Uᵀ X`` for ``X`` of shape ``(P, k)`` -> ``(M, k)``."""
-        raise NotImplementedError
-
-    def matmat(self, W: Tensor) -> Tensor:
-        """``U W`` for ``W`` of shape ``(M, k)`` -> ``(P, k)``."""
-        raise NotImplementedError
-
-    def gram(self) -> Tensor:
-        """``K = Uᵀ U`` of shape ``(M, M)``."""
-        raise NotImplementedError
-
-    def columns(self, start: int, stop: int) -> Tensor:
-        """Columns ``U[:, start:stop]`` of shape ``(P, stop − start)``; default via ``U @ I``."""
-        eye = torch.eye(self.rank, dtype=self.dtype, device=self.device)
-        return self.matmat(eye[:, start:stop])
-
-    def column_chunk(self) -> int:
-        """Number of columns to materialise at once (about 256 MB per chunk)."""
-        return max(1, min(self.rank, 2**28 // max(1, self.size * 8)))
-
-    def sq_row_norms(self) -> Tensor:
-        """``diag(U Uᵀ)`` of shape ``(P,)``; default from materialising ``U`` in chunks."""
-        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        c = self.column_chunk()
-        for j in range(0, self.rank, c):
-            out += (self.columns(j, min(j + c, self.rank)) ** 2).sum(1)
-        return out
-
-    # ------------------------------------------------ float64-accumulated products (solves)
-    # Used by :class:`Woodbury` (see its docstring for why). The defaults materialise ``U`` in
-    # float64 column chunks, which is exact whenever :meth:`columns` is (e.g. ``U @ e_m``); the
-    # built-in factors override them with products on float64 copies of their small data.
-    def columns64(self, start: int, stop: int) -> Tensor:
-        """``U[:, start:stop]`` in float64."""
-        return self.columns(start, stop).to(torch.float64)
-
-    def _chunks64(self):
-        c = self.column_chunk()
-        for j in range(0, self.rank, c):
-            yield j, min(j + c, self.rank), self.columns64(j, min(j + c, self.rank))
-
-    def gram64(self) -> Tensor:
-        """``K = Uᵀ U`` accumulated in float64, a new ``(M, M)`` float64 tensor."""
-        if self.dtype == torch.float64:
-            return self.gram()
-        K = torch.empty(self.rank, self.rank, dtype=torch.float64, device=self.device)
-        for j, k, C in self._chunks64():
-            for i, l, D in self._chunks64():
-                K[i:l, j:k] = D.T @ C
-        return K
-
-    def rmatmat64(self, X: Tensor) -> Tensor:
-        """``Uᵀ X`` accumulated in float64; ``X`` ``(P, k)`` of any float dtype -> ``(M, k)`` float64."""
-        X64 = X.to(torch.float64)
-        if self.dtype == torch.float64:
-            return self.rmatmat(X64)
-        return torch.cat([C.T @ X64 for _, _, C in self._chunks64()], dim=0)
-
-    def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
-        """``scale · (X − U W)`` accumulated in float64 and rounded once to ``X.dtype``.
-
-        Args:
-            X: ``(P, k)``, any float dtype.
-            W: ``(M, k)``, float64.
-            scale: applied in float64 before the rounding.
-            out: optional ``(P, k)`` tensor of ``X.dtype`` to write the result into.
-
-        Returns:
-            ``out`` (or a new tensor of ``X.dtype``).
-        """
-        W = W.to(torch.float64)
-        Y = X.to(torch.float64, copy=True)
-        if self.dtype == torch.float64:
-            Y -= self.matmat(W)
-        else:
-            for j, k, C in self._chunks64():
-                Y.addmm_(C, W[j:k], alpha=-1.0)
-        Y *= scale
-        return Y.to(X.dtype) if out is None else out.copy_(Y)
-
-
-class DenseFactor(LowRankFactor):
-    """``U`` given explicitly as a ``(P, M)`` tensor (tests, small problems)."""
-
-    def __init__(self, U: Tensor) -> None:
-        if U.dim() != 2:
-            raise ValueError(f"U must be 2-D (P, M), got shape {tuple(U.shape)}")
-        self.U = U
-        self.size, self.rank = U.shape
-        self.dtype, self.device = U.dtype, U.device
-        self._u64: Tensor | None = None
-
-    def rmatmat(self, X: Tensor) -> Tensor:
-        return self.U.T @ X
-
-    def matmat(self, W: Tensor) -> Tensor:
-        return self.U @ W
-
-    def gram(self) -> Tensor:
-        return self.U.T @ self.U
-
-    def columns(self, start: int, stop: int) -> Tensor:
-        return self.U[:, start:stop]
-
-    def sq_row_norms(self) -> Tensor:
-        return (self.U**2).sum(1)
-
-    def _U64(self) -> Tensor:
-        if self._u64 is None:
-            self._u64 = self.U.to(torch.float64)
-        return self._u64
-
-    def columns64(self, start: int, stop: int) -> Tensor:
-        return self._U64()[:, start:stop]
-
-    def gram64(self) -> Tensor:
-        U = self._U64()
-        return U.T @ U
-
-    def rmatmat64(self, X: Tensor) -> Tensor:
-        return self._U64().T @ X.to(torch.float64)
-
-    def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
-        Y = torch.addmm(X.to(torch.float64), self._U64(), W.to(torch.float64), alpha=-1.0).mul_(scale)
-        return Y.to(X.dtype) if out is None else out.copy_(Y)
-
-
-class StackedFactor(LowRankFactor):
-    """Row-wise stack ``U = [U_1; U_2; …]`` of factors sharing the same ``M`` columns.
-
-    Used for the full Fisher: each block is one layer, so ``K = Σ_l U_lᵀ U_l``.
-    """
-
-    def __init__(self, blocks: list[LowRankFactor]) -> None:
-        if not blocks:
-            raise ValueError("StackedFactor needs at least one block")
-        ranks = {b.rank for b in blocks}
-        if len(ranks) != 1:
-            raise ValueError(f"all blocks must share the number of columns M, got {sorted(ranks)}")
-        self.blocks = blocks
-        self.sizes = [b.size for b in blocks]
-        self.size, self.rank = sum(self.sizes), blocks[0].rank
-        self.dtype, self.device = blocks[0].dtype, blocks[0].device
-
-    def rmatmat(self, X: Tensor) -> Tensor:
-        parts = X.split(self.sizes, dim=0)
-        out = self.blocks[0].rmatmat(parts[0])
-        for b, x in zip(self.blocks[1:], parts[1:]):
-            out = out + b.rmatmat(x)
-        return out
-
-    def matmat(self, W: Tensor) -> Tensor:
-        return torch.cat([b.matmat(W) for b in self.blocks], dim=0)
-
-    def gram(self) -> Tensor:
-        K = self.blocks[0].gram()
-        for b in self.blocks[1:]:
-            K = K + b.gram()
-        return K
-
-    def columns(self, start: int, stop: int) -> Tensor:
-        return torch.cat([b.columns(start, stop) for b in self.blocks], dim=0)
-
-    def sq_row_norms(self) -> Tensor:
-        return torch.cat([b.sq_row_norms() for b in self.blocks])
-
-    def columns64(self, start: int, stop: int) -> Tensor:
-        return torch.cat([b.columns64(start, stop) for b in self.blocks], dim=0)
-
-    def gram64(self) -> Tensor:
-        K = self.blocks[0].gram64()
-        for i, b in enumerate(self.blocks[1:]):
-            K = K + b.gram64() if i == 0 else K.add_(b.gram64())  # K is fresh after the first sum
-        return K
-
-    def rmatmat64(self, X: Tensor) -> Tensor:
-        parts = X.split(self.sizes, dim=0)
-        out = self.blocks[0].rmatmat64(parts[0])
-        for i, (b, x) in enumerate(zip(self.blocks[1:], parts[1:])):
-            out = out + b.rmatmat64(x) if i == 0 else out.add_(b.rmatmat64(x))
-        return out
-
-    def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
-        if out is None:
-            out = torch.empty_like(X)
-        for b, x, o in zip(self.blocks, X.split(self.sizes, dim=0), out.split(self.sizes, dim=0)):
-            b.sub_matmat64(x, W, scale, out=o)
-        return out
+__all__ = ["Woodbury", "LowRankFactor", "DenseFactor", "StackedFactor"]
 
 
 class Woodbury(LinearOperator):
@@ -254,22 +81,25 @@ class Woodbury(LinearOperator):
 
     Args:
         factor: the low-rank factor ``U``.
-        route: ``"dual"`` (``M × M`` system), ``"primal"`` (form ``U Uᵀ``), or ``"auto"``
-            (primal when ``P ≤ M``).
+        route: ``"dual"`` (``M × M`` system), ``"primal"`` (form ``U Uᵀ``), ``"auto"``
+            (primal when ``P ≤ M``) or ``"cost"`` (fewer flops among the routes that fit).
         block_shapes, name: see :class:`~curvkit.linalg.operator.LinearOperator`.
     """
 
     def __init__(self, factor: LowRankFactor, route: str = "auto", block_shapes=None,
                  name: str | None = None) -> None:
         super().__init__(factor.size, factor.dtype, factor.device, block_shapes, name=name)
-        if route not in ("auto", "dual", "primal"):
-            raise ValueError(f"route must be 'auto', 'dual' or 'primal', got {route!r}")
+        if route not in ("auto", "dual", "primal", "cost"):
+            raise ValueError(f"route must be 'auto', 'dual' or 'primal' (or 'cost'), got {route!r}")
         if route == "auto":
             route = "primal" if factor.size <= factor.rank else "dual"
+        elif route == "cost":
+            route = self.choose_route(factor)
         self.factor, self.route = factor, route
         self._gram: Tensor | None = None
         self._dense: Tensor | None = None
         self._chol: dict[float, SPDFactor] = {}
+        self._diag_core: tuple[Tensor, tuple] | None = None
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -331,15 +161,20 @@ class Woodbury(LinearOperator):
     def _matmat(self, X: Tensor) -> Tensor:
         return self.factor.matmat(self.factor.rmatmat(X))
 
-    def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
+    def _solve(self, X: Tensor, damping: Damping, damping_mode: str) -> Tensor:
         """``(UUᵀ + λI)⁻¹ X``; dual: ``x = (X − U w)/λ``, products accumulated in float64 (module doc)."""
+        if isinstance(damping, Tensor):
+            return self._whitened_solve(X, damping).to(X.dtype)
         fac = self._factorize(damping)
         if self.route == "primal":
             return self._apply_inv(fac, X.to(torch.float64)).to(X.dtype)
         w = self._apply_inv(fac, self.factor.rmatmat64(X))
         return self.factor.sub_matmat64(X, w, 1.0 / damping)
 
-    def _logdet(self, damping: float) -> Tensor:
+    def _logdet(self, damping: Damping) -> Tensor:
+        if isinstance(damping, Tensor):
+            R, _, fac, _ = self._core(damping)
+            return fac.logdet() if self.route == "primal" else fac.logdet() - 2 * R.log().sum()
         ld = self._factorize(damping).logdet()
         if self.route == "dual":
             ld = ld + (self.factor.size - self.factor.rank) * math.log(damping)
@@ -352,3 +187,150 @@ class Woodbury(LinearOperator):
         if self.route == "primal":
             return self.dense64().to(self.dtype)
         return super().to_dense()
+
+    # ------------------------------------------------------------------ route by cost
+    #: cost of one factorisation flop relative to one GEMM flop (CPU Cholesky runs at about half
+    #: the GEMM rate).
+    FACTOR_FLOP_COST = 2.0
+
+    @classmethod
+    def route_costs(cls, factor: LowRankFactor) -> dict[str, tuple[float, int]]:
+        """``{route: (GEMM-equivalent flops, bytes)}`` of building and factorising each core.
+
+        Dual: ``K = UᵀU`` (:meth:`LowRankFactor.gram_flops`) + Cholesky ``M³/3``; primal:
+        ``U Uᵀ`` (``2P²M``) + Cholesky ``P³/3``; factorisation flops weighted by
+        :attr:`FACTOR_FLOP_COST`.
+        """
+        P, M, w = factor.size, factor.rank, cls.FACTOR_FLOP_COST
+        dual = (factor.gram_flops() + w * M**3 / 3.0, 3 * M * M * 8)
+        primal = (2.0 * P * P * M + w * P**3 / 3.0, 2 * P * P * 8 + min(P * M, 2**26) * 8)
+        return {"dual": dual, "primal": primal}
+
+    @classmethod
+    def choose_route(cls, factor: LowRankFactor) -> str:
+        """The route with fewer flops among those that fit in memory (``MemoryError`` if none)."""
+        costs = cls.route_costs(factor)
+        free = 0.9 * available_memory_bytes(factor.device)
+        fits = {r: c for r, c in costs.items() if c[1] <= free}
+        if not fits:
+            gb = {r: f"{c[1] / 1e9:.1f} GB" for r, c in costs.items()}
+            raise MemoryError(
+                f"a Woodbury operator with P = {factor.size} parameters and M = {factor.rank} "
+                f"columns needs {gb['dual']} (dual, M×M) or {gb['primal']} (primal, P×P) but only "
+                f"{free / 0.9 / 1e9:.1f} GB is available; use a smaller Fisher batch, kind='mc', or "
+                "structure='kfac', 'foof' or 'diag'")
+        return min(fits, key=lambda r: fits[r][0])
+
+    # ------------------------------------------------------------------ Gaussian methods
+    def _core(self, damping: Damping) -> tuple:
+        """``(R, V, Ĉ, c)`` of the module doc (primal: ``(R, None, factor of UUᵀ + D, 1)``)."""
+        if not isinstance(damping, Tensor):
+            V = None if self.route == "primal" else self.factor
+            return torch.tensor(damping, dtype=torch.float64).rsqrt(), V, self._factorize(damping), damping
+        if self._diag_core is not None and torch.equal(self._diag_core[0], damping):
+            return self._diag_core[1]
+        if bool((damping <= 0).any()):
+            raise ValueError(f"{self.name}: a per-parameter damping must be > 0 everywhere "
+                             "(U Uᵀ is singular)")
+        R = damping.rsqrt()
+        if self.route == "primal":
+            core = (R, None, damped_cholesky(self.dense64(), damping, name=self.name), 1.0)
+        else:
+            M = self.factor.rank
+            check_memory(3 * M * M * 8, f"the {M}×{M} Woodbury core of {self.name}", self.device)
+            V = self.factor.whiten(R)
+            K = V.gram64()
+            K.diagonal().add_(1.0)
+            core = (R, V, damped_cholesky(K, 0.0, name=f"{self.name} (whitened core)",
+                                          symmetrize=False), 1.0)
+        self._diag_core = (damping, core)
+        return core
+
+    def _whitened_solve(self, X: Tensor, damping: Tensor) -> Tensor:
+        """``R (I − V Ĉ⁻¹ Vᵀ) R X`` (dual) or ``(UUᵀ + D)⁻¹ X`` (primal), float64."""
+        R, V, fac, _ = self._core(damping)
+        if V is None:
+            return fac.solve(X)
+        V64 = V.to64()
+        Y = R[:, None] * X.to(torch.float64)
+        return R[:, None] * (Y - V64.matmat(fac.solve(V64.rmatmat(colmajor(Y)))))
+
+    def _sample(self, k: int, damping: Damping, generator: torch.Generator | None) -> Tensor:
+        R, V, fac, c = self._core(damping)
+        P, M = self.shape[0], self.factor.rank
+        out = torch.empty(k, P, dtype=self.dtype, device=self.device)  # returned transposed
+        step = max(1, CHUNK_BYTES // max(1, 3 * P * 8))
+        r = (R.to(self.device)[:, None] if R.dim() else R.to(self.device)).to(self.dtype)
+        for j in range(0, k, step):
+            kk = min(step, k - j)
+            y = torch.randn(kk, P, dtype=self.dtype, device=self.device, generator=generator).T
+            if V is None:
+                out[j:j + kk] = fac.inv_sqrt(y).T.to(self.dtype)
+                continue
+            z = torch.randn(M, kk, dtype=torch.float64, device=self.device, generator=generator)
+            w = fac.solve(V.rmatmat(y.to(V.dtype)).to(torch.float64) + math.sqrt(c) * z)
+            out[j:j + kk] = ((y - V.matmat(w.to(V.dtype)).to(self.dtype)) * r).T
+        return out.T
+
+    def _inverse_diagonal(self, damping: Damping) -> Tensor:
+        R, V, fac, _ = self._core(damping)
+        if V is None:
+            return fac.inverse_diagonal()
+        M = self.factor.rank
+        RT = fac.inv_sqrt(torch.eye(M, dtype=torch.float64, device=self.device))  # R Rᵀ = Ĉ⁻¹
+        V64 = V.to64()
+        acc = torch.zeros(self.shape[0], dtype=torch.float64, device=self.device)
+        step = max(1, CHUNK_BYTES // max(1, 2 * 8 * self.shape[0]))
+        for j in range(0, M, step):
+            acc += (V64.matmat(RT[:, j:j + step]) ** 2).sum(1)
+        return R**2 * (1.0 - acc)
+
+    def _inverse_quad_blocks(self, J: LowRankFactor, R: int, damping: Damping) -> Tensor:
+        Rs, V, fac, _ = self._core(damping)
+        if V is None:
+            return _column_group_grams(fac.half_solve(J.dense(torch.float64)), R)
+        Jw = J.whiten(Rs) if Rs.dim() else J
+        Q = V.cross_gram64(Jw)
+        n = J.rank // R
+        corr = torch.einsum("mnr,mnq->nrq", Q.reshape(-1, n, R), fac.solve(Q).reshape(-1, n, R))
+        out = Jw.block_grams64(R) - corr
+        return out if Rs.dim() else out * float(Rs) ** 2
+
+    def _eigenvalues(self) -> Tensor:
+        """Eigenvalues of ``K`` (``M ≤ P``) or of ``U Uᵀ`` (float64, ≥ 0)."""
+        S = self.gram() if self.factor.rank <= self.factor.size else self.dense64()
+        return torch.linalg.eigvalsh(S).clamp_min(0.0)
+
+    def _logdet_function(self, group_sizes: list[int] | None) -> Callable[[Tensor], Tensor]:
+        """One group: from :meth:`eigenvalues`. Several groups ``g`` (damping ``e^{t_g}``): dual
+        ``Σ_g P_g t_g + log det(I_M + Σ_g e^{−t_g} U_gᵀ U_g)``; primal
+        ``Σ_g P_g t_g + log det(I_P + T^{-1/2} U Uᵀ T^{-1/2})``; one Cholesky per call."""
+        if group_sizes is None or len(group_sizes) == 1:
+            return super()._logdet_function(None)
+        sizes = torch.tensor(group_sizes, dtype=torch.float64, device=self.device)
+        if self.route == "dual":
+            M = self.factor.rank
+            check_memory((len(group_sizes) + 2) * M * M * 8,
+                         f"{len(group_sizes)} per-group {M}×{M} Grams of {self.name}", self.device)
+            rows = self.factor.row_blocks()
+            if [b.size for b in rows] != list(group_sizes):
+                U = self.factor.dense(torch.float64)
+                rows = [DenseFactor(u) for u in U.split(group_sizes)]
+            grams = torch.stack([b.gram64() for b in rows])
+            eye = torch.eye(M, dtype=torch.float64, device=self.device)
+
+            def fn(t: Tensor) -> Tensor:
+                K = eye + torch.einsum("l,lij->ij", torch.exp(-t), grams)
+                return (sizes * t).sum() + 2.0 * torch.linalg.cholesky(K).diagonal().log().sum()
+
+            return fn
+        UU = self.dense64()
+        eye = torch.eye(self.shape[0], dtype=torch.float64, device=self.device)
+        counts = torch.tensor(group_sizes, device=self.device)
+
+        def fn_primal(t: Tensor) -> Tensor:
+            r = torch.repeat_interleave(torch.exp(-0.5 * t), counts)
+            S = eye + r[:, None] * UU * r[None, :]
+            return (sizes * t).sum() + 2.0 * torch.linalg.cholesky(S).diagonal().log().sum()
+
+        return fn_primal
