@@ -6,6 +6,8 @@ random 784-dim inputs), ``N = 1000`` inputs, ``C = 10`` classes, float32 models 
 * curvkit ``LaplacePosterior(structure="full")`` with the exact Fisher (``M = N·(C−1) = 9000``
   columns after the softmax rank reduction) and the MC Fisher (``M = N = 1000``): **fit** time
   (capture, ``M × M`` Gram, Cholesky) and the time for **100 exact samples**;
+* curvkit's **evidence at one new prior** (``log_marginal_likelihood(2.0)`` after the fit at 1.0:
+  one more Cholesky of the core) and its ratio to the fit (goal ≤ 1);
 * laplace-torch ``FullLaplace`` (curvlinops GGN, ``stochastic=True`` for MC): ``fit`` and
   ``sample(100)`` (which factorises the ``P × P`` precision), skipped above ``P = 20 000`` where
   the ``P × P`` precision and its factor would need ``P²·8`` bytes (printed). Its DataLoader
@@ -13,7 +15,11 @@ random 784-dim inputs), ``N = 1000`` inputs, ``C = 10`` classes, float32 models 
   batch 1000 needs ≈ 50 GB and is OOM-killed on a 24 GB machine; batch 100 ≈ 12 GB).
 
 Every measurement runs in a fresh subprocess; **peak** memory is that process's ``ru_maxrss``
-(it includes the Python/torch baseline of ≈ 0.3 GB). Not a test.
+(it includes the Python/torch baseline of ≈ 0.3 GB). Contenders are **interleaved**: each of
+``--rounds`` rounds runs every contender once (A B A B, the order reversed every other round), and
+ratios are taken within a round, then reported as median and min over rounds, so machine load
+cancels. ``--baseline DIR`` adds a contender ``curvkit_base`` importing curvkit from ``DIR`` (e.g.
+an export of an older commit) for before/after comparisons. Not a test.
 
 Usage::
 
@@ -22,6 +28,7 @@ Usage::
     python benchmarks/laplace.py --out results   # JSON goes to results/laplace_benchmark.json
     python benchmarks/laplace.py --no-laplace-torch                 # curvkit only (≈ 3 min)
     python benchmarks/laplace.py --configs 17k --laplace-torch-kinds exact --name laplace_17k
+    python benchmarks/laplace.py --quick --no-laplace-torch --rounds 5 --baseline /tmp/base
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -121,7 +129,7 @@ def worker(spec: dict) -> dict:
     model, x, y = _model_and_data(spec["config"], spec["N"])
     P = sum(p.numel() for p in model.parameters())
     out: dict = {**spec, "P": P}
-    if spec["library"] == "curvkit":
+    if spec["library"] in ("curvkit", "curvkit_base"):
         from curvkit.laplace import LaplacePosterior
 
         LaplacePosterior(model, x[:4], y[:4], kind=spec["kind"],
@@ -132,9 +140,12 @@ def worker(spec: dict) -> dict:
         t1 = time.perf_counter()
         samples = post.sample(N_SAMPLES, torch.Generator().manual_seed(1))
         t2 = time.perf_counter()
-        block = post.engine.blocks[0]
-        out.update(fit_s=t1 - t0, sample_s=t2 - t1, M=post.rank, route=block.route,
-                   finite=bool(torch.isfinite(samples).all()))
+        evidence = post.log_marginal_likelihood(2.0)  # a new scalar prior
+        t3 = time.perf_counter()
+        route = post.route if hasattr(post, "route") and isinstance(post.route, str) \
+            else post.engine.blocks[0].route  # older checkouts (--baseline)
+        out.update(fit_s=t1 - t0, sample_s=t2 - t1, evidence_s=t3 - t2, M=post.rank, route=route,
+                   evidence=float(evidence), finite=bool(torch.isfinite(samples).all()))
     else:
         from torch.utils.data import DataLoader, TensorDataset
 
@@ -155,10 +166,54 @@ def worker(spec: dict) -> dict:
 
 
 # ====================================================================== driver
-def run_one(spec: dict, timeout: float) -> dict:
+def _total(m: dict) -> float | None:
+    return None if "error" in m else m["fit_s"] + m["sample_s"]
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Median measurement per contender and median/min of the per-round ratios."""
+    out: dict = {}
+    for lib in rounds[0]:
+        ok = [r[lib] for r in rounds if "error" not in r[lib]]
+        if not ok:
+            out[lib] = rounds[0][lib]
+            continue
+        med = dict(ok[0])
+        for key in ("fit_s", "sample_s", "evidence_s", "peak_gb"):
+            if key in med:
+                med[key] = statistics.median(m[key] for m in ok)
+        out[lib] = med
+
+    ratios: dict = {}
+
+    def ratio(name: str, num, den) -> None:
+        vals = [num(r) / den(r) for r in rounds
+                if all("error" not in m for m in r.values()) and num(r) and den(r)]
+        if vals:
+            ratios[name] = {"median": statistics.median(vals), "min": min(vals), "rounds": len(vals)}
+
+    ratio("evidence_new_prior / fit", lambda r: r["curvkit"].get("evidence_s"),
+          lambda r: r["curvkit"].get("fit_s"))
+    if "curvkit_base" in rounds[0]:
+        ratio("base fit+samples / new", lambda r: _total(r["curvkit_base"]), lambda r: _total(r["curvkit"]))
+        ratio("base evidence_new_prior / new", lambda r: r["curvkit_base"].get("evidence_s"),
+              lambda r: r["curvkit"].get("evidence_s"))
+    if "laplace_torch" in rounds[0]:
+        ratio("laplace-torch fit+samples / curvkit", lambda r: _total(r["laplace_torch"]),
+              lambda r: _total(r["curvkit"]))
+    out["ratios"] = {k: f"{v['median']:.3g} (min {v['min']:.3g}, {v['rounds']} rounds)"
+                     for k, v in ratios.items()}
+    out["ratio_values"] = ratios
+    return out
+
+
+def run_one(spec: dict, timeout: float, pythonpath: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timeout after {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -209,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="kinds for which laplace-torch also runs")
     ap.add_argument("--name", default="laplace_benchmark", help="JSON file name (without .json)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (≥ 5 where feasible)")
+    ap.add_argument("--baseline", default=None,
+                    help="folder holding an older curvkit package: adds the contender curvkit_base")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -224,13 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         _drop_script_dir()
         have_lt = importlib.util.find_spec("laplace") is not None
     rows = []
+    base = os.path.abspath(args.baseline) if args.baseline else None
+    here = os.environ.get("PYTHONPATH")
     for config in configs:
         widths = CONFIGS[config]["widths"]
         P = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
         for kind in args.kinds:
             spec = {"config": config, "kind": kind, "N": N}
             row: dict = {"config": config, "kind": kind, "P": P, "N": N}
-            row["curvkit"] = run_one({**spec, "library": "curvkit"}, args.timeout)
+            contenders = [("curvkit", here)] + ([("curvkit_base", base)] if base else [])
             if P > LAPLACE_TORCH_MAX_P:
                 row["laplace_torch_note"] = f"skipped: needs P²·8 B = {P * P * 8 / 1e12:.1f} TB"
             elif not have_lt:
@@ -240,9 +300,17 @@ def main(argv: list[str] | None = None) -> int:
             elif kind not in args.laplace_torch_kinds:
                 row["laplace_torch_note"] = "not run (--laplace-torch-kinds)"
             else:
-                row["laplace_torch"] = run_one({**spec, "library": "laplace_torch"}, args.timeout)
+                contenders.append(("laplace_torch", here))
+            rounds: list[dict] = []
+            for r in range(args.rounds):  # A B A B, order reversed every other round
+                order = contenders if r % 2 == 0 else contenders[::-1]
+                rounds.append({lib: run_one({**spec, "library": lib}, args.timeout, path)
+                               for lib, path in order})
+            row["rounds"] = rounds
+            row.update(summarise(rounds))
             rows.append(row)
-            print(f"  done {config} {kind}: curvkit {row['curvkit'].get('fit_s', 'err')}", flush=True)
+            print(f"  done {config} {kind}: " + ", ".join(f"{k} {v}" for k, v in row["ratios"].items()),
+                  flush=True)
     text = table(rows)
     print(text)
     goals = []
@@ -258,11 +326,16 @@ def main(argv: list[str] | None = None) -> int:
             goals.append(f"MC Fisher, P≈17k: fit + 100 samples {tot:.2f} s (goal < 1 s)")
         if r["config"] == "2.8M" and r["kind"] == "exact":
             goals.append(f"exact Fisher, P≈2.8M: fit + 100 samples {tot:.1f} s (goal < 60 s)")
+        ev = r.get("ratios", {}).get("evidence_new_prior / fit")
+        if r["kind"] == "exact" and ev:
+            goals.append(f"exact Fisher, P≈{r['config']}: evidence at one new prior ÷ fit = {ev} "
+                         "(goal ≤ 1)")
     for g in goals:
         print("goal:", g)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"N": N, "quick": args.quick, "cpus": os.cpu_count(), "n_samples": N_SAMPLES,
+            "rounds": args.rounds, "baseline": base,
             "command": "python benchmarks/laplace.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     path = out / f"{args.name}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows, "goals": goals}, indent=2))

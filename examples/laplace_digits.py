@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         post = LaplacePosterior(model, xf, yf, structure=structure, prior_precision=1.0, num_data=n)
-        info = {"M": post.rank, "route": post.engine.blocks[0].route} if structure == "full" else {}
+        info = {"M": post.rank, "route": post.route} if structure == "full" else {}
         for tuning in ("evidence", "val NLL"):
             if tuning == "evidence":
                 delta = post.optimize_prior_precision(method="marglik")

@@ -29,7 +29,6 @@ import curvkit.linalg.operator as operator_mod
 from curvkit.capture import UnsupportedLayerError
 from curvkit.laplace import LaplacePosterior, probit
 from curvkit.laplace.posterior import LOWRANK_STRUCTURES
-from curvkit.linalg.factor_ops import dense_columns
 from curvkit.testing import dense_block_diagonal, dense_fisher, per_sample_jacobians
 
 f64 = torch.float64
@@ -135,7 +134,7 @@ def test_full_posterior_routes_and_prior_formats(route, prior_kind):
              "diagonal": 0.2 + torch.rand(P, generator=torch.Generator().manual_seed(4), dtype=f64)}
     post = LaplacePosterior(case.model, case.inputs, case.targets, prior_precision=prior[prior_kind],
                             num_data=NUM_DATA, route=route)
-    assert post.engine.blocks[0].route == route
+    assert post.route == route
     assert post.prior.kind == prior_kind
     F = dense_fisher(case.model, case.inputs, likelihood="classification")
     delta = post.prior.diag
@@ -179,7 +178,7 @@ def test_reduced_exact_fisher_equals_full():
     assert red.rank == N * (C - 1) and full.rank == N * C
     F = dense_fisher(case.model, case.inputs, likelihood="classification")
     for post in (red, full):
-        J = torch.cat([dense_columns(f) for f in post._fisher_factors()])
+        J = torch.cat([f.dense() for f in post._fisher_factors()])
         JJ = post.curvature.from_layer_space(post.curvature.from_layer_space(J @ J.T).T).T
         torch.testing.assert_close(JJ, NUM_DATA * F, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(red.log_marginal_likelihood(), full.log_marginal_likelihood(),
@@ -336,7 +335,7 @@ def test_prebuilt_curvature_is_reused():
 @pytest.mark.parametrize("route", ["dual", "primal"])
 def test_scalar_prior_change_reuses_the_core(route, monkeypatch):
     """Changing a scalar δ rescales ``K_V = K_J/δ``: no new Gram / ``J Jᵀ`` product is formed."""
-    import curvkit.linalg.perturb as perturb_mod
+    from curvkit.linalg import LowRankFactor, OuterProductFactor, StackedFactor
 
     case = mlp(True)
     post = LaplacePosterior(case.model, case.inputs, case.targets, num_data=NUM_DATA, route=route)
@@ -344,8 +343,10 @@ def test_scalar_prior_change_reuses_the_core(route, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the core was recomputed")
 
-    monkeypatch.setattr(perturb_mod, "gram64", forbidden)
-    monkeypatch.setattr(perturb_mod, "outer_gram64", forbidden)
+    for cls in (LowRankFactor, OuterProductFactor, StackedFactor):  # every Gram / U Uᵀ product
+        for method in ("gram", "gram64", "outer_gram64", "columns"):
+            if method in vars(cls):
+                monkeypatch.setattr(cls, method, forbidden)
     post.prior_precision = 4.0
     monkeypatch.undo()
     fresh = LaplacePosterior(case.model, case.inputs, case.targets, num_data=NUM_DATA, route=route,

@@ -1,4 +1,5 @@
-"""Dense float64 tests of :mod:`curvkit.linalg.perturb` and :mod:`curvkit.linalg.factor_ops`.
+"""Dense float64 tests of the Laplace algebra: :class:`~curvkit.linalg.Woodbury` with a diagonal
+damping (``Λ = diag(δ) + J Jᵀ``), the float64 Gram methods of the factors, the softmax rank reduction.
 
 Ground truths are explicit matrices: ``Λ = diag(δ) + J Jᵀ`` formed from an explicit ``J`` (built
 column by column from per-sample outer products), inverted with ``torch.linalg``.
@@ -14,20 +15,28 @@ import pytest
 import torch
 
 import curvkit.linalg.operator as operator_mod
-from curvkit.linalg import DenseFactor, OuterProductFactor, StackedFactor
-from curvkit.linalg.factor_ops import (
-    GemmOuterFactor,
-    ScaledFactor,
-    block_grams64,
-    colmajor,
-    cross_gram64,
-    dense_columns,
-    gram64,
-    reduce_softmax_errors,
-    softmax_null_basis,
-)
-from curvkit.linalg.perturb import DiagonalPlusLowRank
+from curvkit.curvature.fisher import reduce_softmax_errors, softmax_null_basis
+from curvkit.linalg import DenseFactor, OuterProductFactor, ScaledFactor, StackedFactor, Woodbury
+from curvkit.linalg.outer import colmajor
 from curvkit.testing import assert_operator_matches
+
+GemmOuterFactor = OuterProductFactor  # the one dense-layer product path
+
+
+def gram64(f):
+    return f.gram64()
+
+
+def cross_gram64(f, g):
+    return f.cross_gram64(g)
+
+
+def block_grams64(f, R):
+    return f.block_grams64(R)
+
+
+def dense_columns(f):
+    return f.dense()
 
 f64 = torch.float64
 MC_SAMPLES = 100_000
@@ -126,29 +135,30 @@ def test_reduce_softmax_errors_keeps_g_gt():
     torch.testing.assert_close(U_red @ U_red.T, U @ U.T, rtol=1e-12, atol=1e-13)
 
 
-# ====================================================================== DiagonalPlusLowRank
+# ====================================================================== Woodbury with diagonal damping
 @pytest.mark.parametrize("route", ["dual", "primal"])
 @pytest.mark.parametrize("T", [1, 3])
 def test_diagonal_plus_low_rank_against_dense(route, T):
     facs, J = layer_factors(T=T, R=2)
     P = J.shape[0]
     delta = 0.3 + torch.rand(P, generator=torch.Generator().manual_seed(3), dtype=f64)
-    V = DenseFactor(J / delta.sqrt()[:, None])
     Lam = torch.diag(delta) + J @ J.T
-    op = DiagonalPlusLowRank(delta, V, route=route)
+    op = Woodbury(StackedFactor(facs), route=route)
     assert op.route == route
-    assert_operator_matches(op, Lam, damping=0.0, solve_rtol=1e-10)
+    assert_operator_matches(op, J @ J.T, damping=0.5, solve_rtol=1e-10)
     Linv = torch.linalg.inv(Lam)
-    torch.testing.assert_close(op.inverse_diagonal(), Linv.diagonal(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(op.logdet(), torch.logdet(Lam), rtol=1e-12, atol=1e-10)
+    v = randn(P, 3, seed=9)
+    torch.testing.assert_close(op.solve(v, delta), Linv @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.inverse_diagonal(delta), Linv.diagonal(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.logdet(delta), torch.logdet(Lam), rtol=1e-12, atol=1e-10)
     # quadratic forms of test columns, two groups of R = 3
     Jt = randn(P, 6, seed=8)
-    blocks = op.inverse_quad_blocks(DenseFactor(Jt / delta.sqrt()[:, None]), 3)
+    blocks = op.inverse_quad_blocks(DenseFactor(Jt), 3, delta)
     ref = Jt.T @ Linv @ Jt
     torch.testing.assert_close(blocks[0], ref[:3, :3], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(blocks[1], ref[3:, 3:], rtol=1e-10, atol=1e-12)
     # exact sampling: empirical covariance of 10⁵ draws (tolerance in the module doc)
-    x = op.sample(MC_SAMPLES, torch.Generator().manual_seed(0))
+    x = op.sample(MC_SAMPLES, delta, torch.Generator().manual_seed(0))
     assert x.shape == (P, MC_SAMPLES)
     assert mc_covariance_error(x, Linv) <= MC_TOL
 
@@ -156,33 +166,36 @@ def test_diagonal_plus_low_rank_against_dense(route, T):
 def test_sampling_is_reproducible_and_only_uses_the_generator():
     facs, J = layer_factors()
     delta = torch.full((J.shape[0],), 2.0, dtype=f64)
-    op = DiagonalPlusLowRank(delta, DenseFactor(J / 2**0.5))
-    torch.manual_seed(123)
-    a = op.sample(7, torch.Generator().manual_seed(1))
-    torch.manual_seed(456)
-    b = op.sample(7, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    op = Woodbury(DenseFactor(J))
+    for damping in (delta, 2.0):
+        torch.manual_seed(123)
+        a = op.sample(7, damping, torch.Generator().manual_seed(1))
+        torch.manual_seed(456)
+        b = op.sample(7, damping, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_route_auto_picks_cheaper_route():
     J_tall = randn(40, 6, seed=1)  # P > M: dual
     J_wide = randn(6, 40, seed=2)  # P < M: primal
-    d40, d6 = torch.ones(40, dtype=f64), torch.ones(6, dtype=f64)
-    assert DiagonalPlusLowRank(d40, DenseFactor(J_tall)).route == "dual"
-    assert DiagonalPlusLowRank(d6, DenseFactor(J_wide)).route == "primal"
+    assert Woodbury(DenseFactor(J_tall), route="cost").route == "dual"
+    assert Woodbury(DenseFactor(J_wide), route="cost").route == "primal"
 
 
 def test_route_memory_error_states_gigabytes(monkeypatch):
     monkeypatch.setattr(operator_mod, "available_memory_bytes", lambda device="cpu": 10)
+    import curvkit.linalg.woodbury as woodbury_mod
+
+    monkeypatch.setattr(woodbury_mod, "available_memory_bytes", lambda device="cpu": 10)
     with pytest.raises(MemoryError, match=r"GB.*structure='kfac'"):
-        DiagonalPlusLowRank(torch.ones(40, dtype=f64), DenseFactor(randn(40, 6)))
+        Woodbury(DenseFactor(randn(40, 6)), route="cost")
 
 
 def test_bad_delta_is_rejected():
-    V = DenseFactor(randn(5, 2))
-    with pytest.raises(ValueError, match="finite and positive"):
-        DiagonalPlusLowRank(torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0], dtype=f64), V)
+    op = Woodbury(DenseFactor(randn(5, 2)))
+    with pytest.raises(ValueError, match="must be > 0 everywhere"):
+        op.solve(randn(5), torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0], dtype=f64))
     with pytest.raises(ValueError, match=r"shape \(5,\)"):
-        DiagonalPlusLowRank(torch.ones(4, dtype=f64), V)
-    with pytest.raises(NotImplementedError, match="damping"):
-        DiagonalPlusLowRank(torch.ones(5, dtype=f64), V).solve(randn(5), damping=0.1)
+        op.solve(randn(5), torch.ones(4, dtype=f64))
+    with pytest.raises(ValueError, match="damping must be ≥ 0"):
+        op.solve(randn(5), -torch.ones(5, dtype=f64))

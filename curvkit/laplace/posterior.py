@@ -1,4 +1,4 @@
-"""Laplace posteriors ``N(θ_MAP, Λ⁻¹)`` with ``Λ = Λ_p + n·F``: exact, block-diagonal, KFAC, FOOF, diag.
+"""Laplace posteriors ``N(θ_MAP, Λ⁻¹)``, ``Λ = n·F + diag(δ)``: exact, block-diagonal, KFAC, FOOF, diag.
 
 Normalisation (every structure):
 
@@ -11,70 +11,51 @@ Normalisation (every structure):
   ``n·F`` estimates the summed Fisher of the training set;
 * ``Λ_p = diag(δ)`` -- a zero-mean Gaussian prior precision (scalar, per tensor, or diagonal).
 
-Evidence (Laplace approximation of ``log p(D)``)::
-
-    log p(D) ≈ (n/N) Σ_n log p(y_n | x_n, θ_MAP)               (batch log-likelihood scaled to n)
-             + log N(θ_MAP; 0, Λ_p⁻¹)                           (−½θᵀΛ_pθ + ½ log det Λ_p − (P/2) log 2π)
-             + (P/2) log 2π − ½ log det Λ                        (Gaussian integral)
-           = (n/N) Σ log p − ½ θᵀΛ_pθ + ½ log det Λ_p − ½ log det Λ
-
-(the ``(P/2) log 2π`` terms cancel). The same convention as laplace-torch's
-``log_marginal_likelihood`` with its summed GGN over ``n`` points and ``temperature = 1``.
-
-For ``structure="full"`` the posterior is never formed as a ``P × P`` matrix: with
-``J = √n·G ∈ R^{P×M}`` (``G Gᵀ = F``), ``V = Λ_p^{-1/2} J`` and ``U_M = I + VᵀV``,
-sampling uses the perturbation trick of Benzing (2022), App. C.1 (eq 11; memory ``O(P + M²)``,
-time ``O(M³ + n_samples·M·P)``), and ``log det Λ = log det Λ_p + log det U_M`` (determinant
-lemma); all scalar prior precisions are evaluated from one eigendecomposition of ``JᵀJ``. For the
-exact softmax Fisher the ``C`` columns per input are first reduced to ``C − 1``
-(:func:`~curvkit.linalg.perturb.reduce_softmax_errors`), which leaves ``F`` unchanged.
+The posterior precision is the curvature operator with a damping: ``Λ = (n·F) + D``, ``D = δ`` (a
+number or a per-parameter tensor). Every query is one method of the
+:class:`~curvkit.linalg.LinearOperator` contract: ``sample`` (for ``"full"`` the perturbation
+trick of Benzing 2022, App. C.1, eq 11, never ``P × P``), ``inverse_diagonal``,
+``inverse_quad_blocks`` (GLM functional variances), ``logdet`` (one Cholesky of the ``M × M``
+core for ``"full"``) and ``eigenvalues`` (every scalar ``δ`` at once); the evidence and the
+predictives are pure functions (:mod:`curvkit.laplace.evidence`, :mod:`curvkit.laplace.predictive`).
+For the exact softmax Fisher the ``C`` columns per input are first reduced to ``C − 1``
+(``reduce_rank``, a build option of :mod:`curvkit.curvature.fisher`), which leaves ``F`` unchanged.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from curvkit.capture import LABEL_KEY, batch_size, forward, slice_inputs
-from curvkit.capture.targets import check_targets
 from curvkit.curvature import Curvature, fisher
 from curvkit.curvature import distributed as dd
 from curvkit.curvature.data import is_single_batch, iter_batches
-from curvkit.laplace.blocks import LowRankBlock
-from curvkit.laplace.engines import (
-    Engine,
-    build_lowrank_engine,
-    build_operator_engine,
-    chunk_inputs,
-)
-from curvkit.laplace.predictive import (
-    LINK_APPROX,
-    PRED_TYPES,
-    glm_predictive,
-    nn_predictive,
+from curvkit.curvature.fisher import lowrank_operator
+from curvkit.curvature.jacobian import (
+    LABEL_KEY,
+    as_logits,
+    batch_size,
+    check_targets,
+    forward,
     output_jacobian_factors,
+    slice_inputs,
 )
+from curvkit.laplace import tuning
+from curvkit.laplace.evidence import laplace_evidence, log_likelihood_terms, use_eigenvalues
+from curvkit.laplace.predictive import LINK_APPROX, PRED_TYPES, glm_predictive, nn_predictive
 from curvkit.laplace.prior import PriorPrecision
-from curvkit.linalg import OuterProductFactor
-from curvkit.linalg.factor_ops import GemmOuterFactor, reduce_softmax_errors
+from curvkit.linalg import BlockDiagonal, LinearOperator, ScaledFactor, StackedFactor, Woodbury
+from curvkit.linalg.lowrank import CHUNK_BYTES
+from curvkit.linalg.operator import DampingError
+from curvkit.linalg.state import operator_from_state, operator_state
 
 LOWRANK_STRUCTURES = ("full", "block_diag")
-
-
-def _log_likelihood_terms(outputs: Tensor, targets: Tensor, likelihood: str) -> Tensor:
-    """``log p(y_n | f_n)`` per input (float64), with all normalising constants."""
-    f = outputs.detach().to(torch.float64)
-    if likelihood == "classification":
-        return torch.log_softmax(f, dim=1).gather(1, targets.long().reshape(-1, 1))[:, 0]
-    y = targets.to(torch.float64)
-    if likelihood == "regression":
-        return -0.5 * ((f - y) ** 2).sum(1) - 0.5 * f.shape[1] * math.log(2 * math.pi)
-    return -nn.functional.binary_cross_entropy_with_logits(f, y, reduction="none").sum(1)
+STATE_VERSION = 1
 
 
 class LaplacePosterior:
@@ -101,7 +82,8 @@ class LaplacePosterior:
         prior_precision: ``δ`` -- a scalar, one per parameter tensor, or a full diagonal.
         num_data: training-set size ``n`` (default ``N``).
         route: ``"auto"``, ``"dual"`` (``M × M``) or ``"primal"`` (``P × P``) for ``"full"`` /
-            ``"block_diag"``; ``"auto"`` picks the cheaper one that fits in memory.
+            ``"block_diag"``; ``"auto"`` picks the cheaper one that fits in memory
+            (:meth:`curvkit.linalg.Woodbury.choose_route`).
         reduce_rank: ``"auto"`` (exact softmax Fisher: ``C − 1`` columns per input), ``True`` or
             ``False``.
         mc_samples: labels per input for ``kind="mc"``.
@@ -164,7 +146,6 @@ class LaplacePosterior:
             opts = dict(fisher_options or {})
             if not single and structure in LOWRANK_STRUCTURES and route != "auto":
                 opts.setdefault("route", route)
-            opts.setdefault("distributed_columns", "gather")  # the engine needs every column
             curvature = fisher(model, inputs, targets, likelihood=likelihood, kind=kind,
                                structure=structure, mc_samples=mc_samples, generator=generator,
                                params=params, output_fn=output_fn, label_key=label_key,
@@ -179,7 +160,7 @@ class LaplacePosterior:
         self.curvature = curvature
         self.likelihood, self.kind, self.structure = curvature.likelihood, curvature.kind, curvature.structure
         self.num_data, self.batch_size = int(num_data), N
-        self.route, self.reduce_rank = route, reduce_rank
+        self.route_option, self.reduce_rank = route, reduce_rank
         self.params = list(curvature.params)
         by_id = {id(p): nm for nm, p in model.named_parameters()}
         self.param_names = [by_id.get(id(p), f"params[{i}]") for i, p in enumerate(self.params)]
@@ -190,10 +171,10 @@ class LaplacePosterior:
         self.mean = torch.cat([p.detach().reshape(-1) for p in self.params])
         self._theta_layer = self._to_layer(self.mean.to(torch.float64))
         self._prior = PriorPrecision(prior_precision, self.params, self.param_names)
-        self._J: list[OuterProductFactor] | None = None
-        self._logdet_fns: dict[bool, object] = {}
         self._loglik: Tensor | None = None
-        self._engine = self._build_engine(self._prior)
+        #: the layer-space operator ``n·F``; ``Λ`` is it with the damping :meth:`damping`.
+        self.precision: LinearOperator = self.num_data * self._fisher_operator()
+        self._fit()
 
     # ------------------------------------------------------------------ layout helpers
     def _to_layer(self, x: Tensor) -> Tensor:
@@ -205,47 +186,62 @@ class LaplacePosterior:
     def _layer_values(self, layer_vec: Tensor) -> list[Tensor]:
         return list(layer_vec.split(self.layer_sizes))
 
-    # ------------------------------------------------------------------ engines
-    def _fisher_factors(self) -> list[OuterProductFactor]:
+    # ------------------------------------------------------------------ the operator
+    def _fisher_operator(self) -> LinearOperator:
+        """The layer-space ``F``: the curvature's operator, or for ``"full"``/``"block_diag"`` its
+        Woodbury form with the softmax rank reduction and the cost-chosen route."""
+        cap = self.curvature.captured
+        if self.structure not in LOWRANK_STRUCTURES or cap is None:
+            return self.curvature.operator
+        applicable = cap.likelihood == "classification" and cap.kind == "exact"
+        reduce = self.reduce_rank is True or (self.reduce_rank == "auto" and applicable
+                                              and cap.outputs.shape[1] >= 2)
+        route = "cost" if self.route_option == "auto" else self.route_option
+        return lowrank_operator(cap, self.layers, self.structure, route, reduce_rank=reduce)
+
+    def _woodbury_blocks(self) -> list[Woodbury]:
+        op = self.precision.a
+        blocks = op.blocks if isinstance(op, BlockDiagonal) else [op]
+        return [b for b in blocks if isinstance(b, Woodbury)]
+
+    def _fisher_factors(self) -> list:
         """Per-layer factors of ``J = √n·G`` (exact softmax: ``C − 1`` columns per input)."""
-        if self._J is None:
-            cap = self.curvature.captured
-            if cap is None:
-                raise ValueError(f"structure={self.structure!r} did not capture Fisher columns")
-            reduce = self.reduce_rank
-            applicable = cap.likelihood == "classification" and cap.kind == "exact"
-            if reduce is True and not applicable:
-                raise ValueError("reduce_rank=True needs likelihood='classification' and kind='exact' "
-                                 f"(got {cap.likelihood!r}, {cap.kind!r})")
-            reduce = applicable and reduce in ("auto", True) and cap.outputs.shape[1] >= 2
-            p = torch.softmax(cap.outputs.to(torch.float64), dim=1) if reduce else None
-            scale = math.sqrt(self.num_data)
-            J = []
-            for a, e in zip(cap.a, cap.e):
-                if reduce:
-                    e = reduce_softmax_errors(e.to(torch.float64), p).to(e.dtype)
-                J.append(GemmOuterFactor(a, e * scale))
-            self._J = J
-        return self._J
+        s = math.sqrt(self.num_data)
+        return [ScaledFactor(f, s) for w in self._woodbury_blocks() for f in w.factor.row_blocks()]
 
     @property
     def rank(self) -> int | None:
         """``M``, the number of Fisher columns (after rank reduction) for low-rank structures."""
-        return self._J[0].rank if self._J else None
-
-    def _build_engine(self, prior: PriorPrecision, previous: Engine | None = None) -> Engine:
-        delta = self._to_layer(prior.diag)
-        if self.structure in LOWRANK_STRUCTURES and self.curvature.captured is not None:
-            return build_lowrank_engine(self._fisher_factors(), delta, self.layer_sizes,
-                                        self.structure, self.route, previous)
-        return build_operator_engine(self.curvature.operator, delta, self.layer_sizes,
-                                     [layer.name for layer in self.layers], self.num_data,
-                                     self.structure, self.route)
+        blocks = self._woodbury_blocks()
+        return blocks[0].rank if blocks else None
 
     @property
-    def engine(self) -> Engine:
-        """The layer-space covariance engine (blocks of ``Λ``)."""
-        return self._engine
+    def route(self) -> str | None:
+        """The Woodbury route in use (``"dual"``/``"primal"``) for low-rank structures."""
+        blocks = self._woodbury_blocks()
+        return blocks[0].route if blocks else None
+
+    def damping(self, prior: PriorPrecision | None = None):
+        """``D`` of ``Λ = n·F + D`` in layer space: a float (scalar prior) or a ``(P,)`` tensor."""
+        prior = prior or self._prior
+        return float(prior.value) if prior.kind == "scalar" else self._to_layer(prior.diag)
+
+    def _logdet_at(self, prior: PriorPrecision) -> Tensor:
+        try:
+            return self.precision.logdet(self.damping(prior))
+        except DampingError as err:
+            for layer, d in zip(self.layers, self._layer_values(self._to_layer(prior.diag))):
+                if not bool((d == d[0]).all()):
+                    raise ValueError(
+                        f"the Kronecker-factored block of layer '{layer.name}' needs one prior "
+                        "precision for the whole layer (weight and bias share it), got values in "
+                        f"[{float(d.min()):.4g}, {float(d.max()):.4g}]; pass a scalar or per-layer "
+                        "prior, or use structure='full' or 'diag' for per-parameter priors") from err
+            raise
+
+    def _fit(self) -> None:
+        """Factorise ``Λ`` at the current prior (one Cholesky of the core for ``"full"``)."""
+        self._logdet = self._logdet_at(self._prior)
 
     @property
     def prior_precision(self):
@@ -255,18 +251,20 @@ class LaplacePosterior:
     @prior_precision.setter
     def prior_precision(self, value) -> None:
         prior = PriorPrecision(value, self.params, self.param_names)
-        self._engine = self._build_engine(prior, previous=self._engine)
-        self._prior = prior
+        old, self._prior = self._prior, prior
+        try:
+            self._fit()
+        except Exception:
+            self._prior = old
+            raise
 
     @property
     def prior(self) -> PriorPrecision:
+        """The validated prior precision."""
         return self._prior
 
     def __repr__(self) -> str:
-        extra = ""
-        if self.structure in LOWRANK_STRUCTURES and self.curvature.captured is not None:
-            b = self._engine.blocks[0]
-            extra = f", M={b.rank}, route={b.route!r}"
+        extra = f", M={self.rank}, route={self.route!r}" if self.rank is not None else ""
         return (f"LaplacePosterior(structure={self.structure!r}, kind={self.kind!r}, "
                 f"likelihood={self.likelihood!r}, P={self.num_params}, N={self.batch_size}, "
                 f"num_data={self.num_data}{extra}, prior: {self._prior.describe()})")
@@ -275,23 +273,30 @@ class LaplacePosterior:
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact draws ``θ ∼ N(θ_MAP, Λ⁻¹)``, shape ``(n, P)`` (``params`` order, model dtype).
 
-        ``"full"``: perturbation trick (module doc), never forming ``P × P``. Kronecker blocks:
-        ``U_B [Z ⊘ √(n s_B s_Aᵀ + δ)] U_Aᵀ``; diagonal: ``z / √(δ + n d)``.
+        ``"full"``: perturbation trick (App. C.1, eq 11), never forming ``P × P``. Kronecker
+        blocks: ``U_B [Z ⊘ √(n s_B s_Aᵀ + δ)] U_Aᵀ``; diagonal: ``z / √(δ + n d)``.
 
         Args:
             n: number of samples (≥ 1).
             generator: the only source of randomness (``torch.Generator`` on the model's device).
+
+        Returns:
+            ``(n, P)`` samples.
+
+        Raises:
+            ValueError: ``n`` is not a positive int.
+            MemoryError: the samples would not fit (GB stated).
         """
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        dev = self._engine.sample(int(n), generator)  # (P, n) layer space
+        dev = self.precision.sample(int(n), self.damping(), generator)  # (P, n) layer space
         out = self._from_layer(dev).T
         out += self.mean[None, :].to(out.dtype)
         return out
 
     def marginal_variance(self) -> Tensor:
         """``diag(Λ⁻¹)`` as a ``(P,)`` tensor in ``params`` order (model dtype)."""
-        d = self._engine.inverse_diagonal()
+        d = self.precision.inverse_diagonal(self.damping())
         return self._from_layer(d[:, None])[:, 0].to(self.mean.dtype)
 
     def _functional(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -302,29 +307,44 @@ class LaplacePosterior:
         with torch.no_grad():
             C = int(forward(self.model, slice_inputs(x, 0, 1), self.output_fn).shape[1])
         # per test input: C columns of J_t (P each, float64) and, for a low-rank core, M × C Grams
-        blocks = self._engine.blocks
-        rank = blocks[0].rank if isinstance(blocks[0], LowRankBlock) else 0
-        step = chunk_inputs(n_x, 8 * C * (3 * rank + 2 * self.num_params))
+        per_input = 8 * C * (3 * (self.rank or 0) + 2 * self.num_params)
+        step = max(1, min(n_x, CHUNK_BYTES // max(1, per_input)))
+        damping = self.damping()
         means, covs = [], []
         for i in range(0, n_x, step):
             out, Jt = output_jacobian_factors(self.model, slice_inputs(x, i, i + step), self.layers,
                                               self.output_fn)
             means.append(out)
-            covs.append(self._engine.functional_blocks(Jt, C))
+            covs.append(self.precision.inverse_quad_blocks(StackedFactor(Jt), C, damping))
         return torch.cat(means), torch.cat(covs).to(self.mean.dtype)
 
     def functional_variance(self, x: Tensor) -> Tensor:
         """``Σ_f(x_n) = J(x_n) Λ⁻¹ J(x_n)ᵀ`` per input, ``(N, C, C)`` (GLM functional covariance)."""
         return self._functional(x)[1]
 
+    def _sampled_outputs(self, x: Tensor, n_samples: int, generator) -> Tensor:
+        """``f(x; θ_s)`` for exact posterior samples ``θ_s``, ``(S, N, C)``."""
+        step = max(1, 2**27 // max(1, 8 * self.num_params))
+        outs = []
+        with torch.no_grad():
+            for j in range(0, n_samples, step):
+                for th in self.sample(min(step, n_samples - j), generator):
+                    params = {nm: t.view_as(p) for nm, t, p in
+                              zip(self.param_names, th.split(self.numels), self.params)}
+                    if isinstance(x, Mapping):
+                        out = functional_call(self.model, params, (), dict(x))
+                    else:
+                        out = functional_call(self.model, params, tuple(x) if isinstance(
+                            x, (tuple, list)) else (x,))
+                    outs.append(as_logits(out, self.output_fn))
+        return torch.stack(outs)
+
     def predictive(self, x: Tensor, pred_type: str = "glm", link_approx: str | None = None,
                    n_samples: int = 100, generator: torch.Generator | None = None):
         """Posterior predictive at ``x`` (see :mod:`curvkit.laplace.predictive`).
 
         Args:
-            x: the inputs of one batch (``(N, …)`` tensor; tuple: positional; dict: keywords) or
-                an iterable of batches such as ``test_loader`` (labels in them are ignored;
-                the results of all batches are concatenated).
+            x: ``(N, …)`` inputs.
             pred_type: ``"glm"`` (linearised network; Gaussian outputs) or ``"nn"`` (sampled weights).
             link_approx: ``"probit"`` (GLM default) or ``"mc"`` (``"nn"`` is always Monte Carlo).
             n_samples: Monte Carlo samples for ``"mc"`` / ``"nn"``.
@@ -354,8 +374,9 @@ class LaplacePosterior:
                 return tuple(torch.cat(parts) for parts in zip(*outs))
             return torch.cat(outs)
         if pred_type == "glm":
-            return glm_predictive(self, x, link_approx, n_samples, generator)
-        return nn_predictive(self, x, n_samples, generator)
+            f_mean, f_var = self._functional(x)
+            return glm_predictive(f_mean, f_var, self.likelihood, link_approx, n_samples, generator)
+        return nn_predictive(self._sampled_outputs(x, n_samples, generator), self.likelihood)
 
     __call__ = predictive
 
@@ -372,7 +393,7 @@ class LaplacePosterior:
                 with torch.no_grad():
                     out = forward(self.model, b.inputs, self.output_fn)
                 check_targets(out, b.targets, self.likelihood)
-                total[0] += _log_likelihood_terms(out, b.targets, self.likelihood).sum()
+                total[0] += log_likelihood_terms(out, b.targets, self.likelihood).sum()
                 total[1] += b.size
             dd.all_reduce_sum([total])
             if int(total[1]) != self.batch_size and self.curvature.info.get("subsample") is None:
@@ -383,76 +404,54 @@ class LaplacePosterior:
             self._loglik = total[0] * (self.num_data / total[1])
         return self._loglik
 
-    def _logdet_fn(self, per_layer: bool):
-        if per_layer not in self._logdet_fns:
-            self._logdet_fns[per_layer] = self._engine.logdet_function(per_layer)
-        return self._logdet_fns[per_layer]
-
-    def _per_layer_constant(self, prior: PriorPrecision) -> Tensor | None:
-        """Per-layer ``log δ_l`` if ``δ`` is constant on every layer, else ``None``."""
-        vals = []
-        for d in self._layer_values(self._to_layer(prior.diag)):
-            if not bool((d == d[0]).all()):
-                return None
-            vals.append(d[0])
-        return torch.stack(vals).log()
-
     def log_det_posterior_precision(self, prior_precision=None) -> Tensor:
         """``log det Λ`` for the current or a given prior precision (float64).
 
-        Scalar priors use the cached eigenvalues (one eigendecomposition for all ``δ``); per-layer
-        constant priors use per-layer eigenvalues or one Cholesky factorisation; other priors
-        rebuild the factorisation.
+        A new scalar prior costs one Cholesky of the core, or nothing when the eigenvalues are
+        already cached (:func:`~curvkit.laplace.evidence.use_eigenvalues`); other priors
+        factorise ``n·F + diag(δ)`` once.
+
+        Args:
+            prior_precision: any accepted prior format (default: the current one).
+
+        Returns:
+            The float64 scalar.
         """
         if prior_precision is None:
-            return self._engine.logdet()
+            return self._logdet
         prior = PriorPrecision(prior_precision, self.params, self.param_names)
-        t = self._per_layer_constant(prior)
-        if t is not None:
-            try:
-                if prior.kind == "scalar" or bool((t == t[0]).all()):
-                    return self._logdet_fn(False)(t[0])
-                return self._logdet_fn(True)(t)
-            except NotImplementedError:
-                pass
-        return self._build_engine(prior).logdet()
+        if prior.kind == "scalar":
+            cached = getattr(self.precision, "_eigenvalue_cache", None) is not None
+            if use_eigenvalues(1, cached):
+                t = torch.tensor(math.log(prior.value), dtype=torch.float64)
+                return self.precision.logdet_function()(t)
+        return self._logdet_at(prior)
 
     def log_marginal_likelihood(self, prior_precision=None) -> Tensor:
-        """Laplace evidence ``log p(D)`` (module doc); float64 scalar.
-
-        ``(n/N) Σ_n log p(y_n|x_n,θ_MAP) − ½ θᵀΛ_pθ + ½ log det Λ_p − ½ log det Λ``; the
-        ``±(P/2) log 2π`` of the prior density and of the Gaussian integral cancel.
+        """Laplace evidence ``log p(D)`` (:mod:`curvkit.laplace.evidence`); float64 scalar.
 
         Args:
             prior_precision: evaluate at this prior (any accepted format) instead of the current
-                one; the posterior itself is unchanged. For ``"full"``, every scalar value is
-                evaluated from one ``M × M`` eigendecomposition of ``JᵀJ`` (cached).
+                one; the posterior itself is unchanged.
+
+        Returns:
+            ``(n/N) Σ log p(y|x,θ_MAP) − ½ θᵀΛ_pθ + ½ log det Λ_p − ½ log det Λ``.
         """
         prior = self._prior if prior_precision is None else PriorPrecision(
             prior_precision, self.params, self.param_names)
-        logdet_post = self.log_det_posterior_precision(prior_precision)
-        return (self.log_likelihood() - 0.5 * prior.scatter(self.mean) + 0.5 * prior.logdet()
-                - 0.5 * logdet_post)
+        return laplace_evidence(self.log_likelihood(), prior, self.mean,
+                                self.log_det_posterior_precision(prior_precision))
 
     def optimize_prior_precision(self, method: str = "marglik", per_layer: bool = False,
                                  bounds: tuple[float, float] = (1e-8, 1e8), max_iter: int = 200,
                                  val_inputs: Tensor | None = None, val_targets: Tensor | None = None,
                                  grid: Sequence[float] | None = None, link_approx: str = "probit"):
-        """Choose the prior precision, set it, and return the new value.
-
-        ``method="marglik"`` maximises the Laplace evidence. ``per_layer=False``: one scalar ``δ``
-        (from eigenvalues; the stationarity condition is MacKay's ``δ‖θ‖² = γ(δ) =
-        Σ_i λ_i/(δ + λ_i)``). ``per_layer=True``: one ``δ_l`` per layer (module; its weight and bias
-        share it), by L-BFGS-B over ``log δ_l`` with exact gradients (for ``"full"`` one Cholesky of
-        the ``M × M`` core per evaluation).
-
-        ``method="gridsearch"`` (scalar only) minimises the negative log-likelihood of the GLM
-        predictive on held-out data ``(val_inputs, val_targets)`` over ``grid`` (default
-        ``10^{-2}, 10^{-1.5}, …, 10^{4}``): classification/binary ``−mean log p(y|x)`` of the
-        predictive probabilities, regression the Gaussian NLL with variance ``Σ_f + I``.
+        """Choose the prior precision, set it, and return it (see :mod:`curvkit.laplace.tuning`).
 
         Args:
-            method: ``"marglik"`` or ``"gridsearch"``.
+            method: ``"marglik"`` (maximise the evidence; scalar from one eigendecomposition,
+                per layer by L-BFGS-B with exact gradients) or ``"gridsearch"`` (validation NLL of
+                the GLM predictive over ``grid``, default ``10^{-2}, 10^{-1.5}, …, 10^{4}``).
             per_layer: scalar or per-layer precision (``"marglik"`` only).
             bounds: search interval for each ``δ`` (``"marglik"``).
             max_iter: iteration limit of the optimiser (``"marglik"``).
@@ -462,99 +461,53 @@ class LaplacePosterior:
 
         Returns:
             The new prior precision (float, or a list with one value per parameter tensor).
-        """
-        import scipy.optimize
 
+        Raises:
+            ValueError: unknown method, bad bounds/grid, missing validation data.
+        """
         if method == "gridsearch":
-            return self._gridsearch(per_layer, val_inputs, val_targets, grid, link_approx)
+            return tuning.gridsearch(self, per_layer, val_inputs, val_targets, grid, link_approx)
         if method != "marglik":
             raise ValueError(f"unknown method {method!r}; supported: ['marglik', 'gridsearch'] "
                              "(maximise the Laplace evidence, or minimise the validation NLL)")
-        lo, hi = float(bounds[0]), float(bounds[1])
-        if not (0 < lo < hi and math.isfinite(hi)):
-            raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds!r}")
-        fn = self._logdet_fn(per_layer)
-        loglik = float(self.log_likelihood())
-        sq = torch.stack([(v**2).sum() for v in self._layer_values(self._theta_layer)])
-        sizes = torch.tensor(self.layer_sizes, dtype=torch.float64, device=sq.device)
-        if not per_layer:
-            sq, sizes = sq.sum().reshape(1), sizes.sum().reshape(1)
+        return tuning.marglik(self, per_layer, bounds, max_iter)
 
-        def negative_evidence(x: np.ndarray) -> tuple[float, np.ndarray]:
-            t = torch.tensor(x, dtype=torch.float64, device=sq.device, requires_grad=True)
-            ld = fn(t) if per_layer else fn(t[0])
-            ev = loglik - 0.5 * (torch.exp(t) * sq).sum() + 0.5 * (sizes * t).sum() - 0.5 * ld
-            (-ev).backward()
-            return float(-ev.detach()), t.grad.cpu().numpy().astype(np.float64)
+    # ------------------------------------------------------------------ saving
+    def state_dict(self) -> dict:
+        """Everything the posterior's numbers depend on, as tensors/str/numbers.
 
-        t0 = self._per_layer_constant(self._prior)
-        if t0 is None:
-            t0 = torch.stack([d.log().mean() for d in self._layer_values(self._to_layer(self._prior.diag))])
-        x0 = t0.cpu().numpy() if per_layer else np.array([float(t0.mean())])
-        x0 = np.clip(x0, math.log(lo), math.log(hi))
-        res = scipy.optimize.minimize(negative_evidence, x0, jac=True, method="L-BFGS-B",
-                                      bounds=[(math.log(lo), math.log(hi))] * len(x0),
-                                      options={"maxiter": max_iter})
-        if np.any(np.isclose(res.x, math.log(lo))) or np.any(np.isclose(res.x, math.log(hi))):
-            warnings.warn(f"the optimal prior precision is at the bound of {bounds}; widen bounds=",
-                          stacklevel=2)
-        deltas = np.exp(res.x)
-        if per_layer:
-            owner = {}
-            for li, layer in enumerate(self.layers):
-                owner[id(layer.module.weight)] = li
-                if layer.module.bias is not None:
-                    owner[id(layer.module.bias)] = li
-            value = [float(deltas[owner[id(p)]]) for p in self.params]
-        else:
-            value = float(deltas[0])
-        self.prior_precision = value
-        return value
+        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``: the layer-space
+        operator ``n·F`` (:func:`curvkit.linalg.state.operator_state`), ``θ_MAP``, the prior and
+        the scaled batch log-likelihood (when computed).
 
-    def _gridsearch(self, per_layer: bool, x: Tensor | None, y: Tensor | None,
-                    grid: Sequence[float] | None, link_approx: str) -> float:
-        if per_layer:
-            raise ValueError("method='gridsearch' tunes a scalar prior precision; use "
-                             "method='marglik' for per_layer=True")
-        if x is None or is_single_batch(x) and (y is None or not isinstance(x, Tensor)
-                                   or not isinstance(y, Tensor) or x.shape[0] == 0
-                                   or y.shape[0] != x.shape[0]):
-            raise ValueError("method='gridsearch' needs held-out data: val_inputs and val_targets "
-                             "with the same (non-zero) number of rows, or val_inputs an iterable "
-                             "of (x, y) batches")
-        values = [float(v) for v in (grid if grid is not None else np.logspace(-2, 4, 13))]
-        if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-            raise ValueError(f"grid must hold finite positive values, got {grid!r}")
-        best, best_nll = values[0], math.inf
-        for v in values:
-            self.prior_precision = v
-            nll = self._predictive_nll(x, y, link_approx)
-            if nll < best_nll:
-                best, best_nll = v, nll
-        self.prior_precision = best
-        return best
+        Returns:
+            The state.
+        """
+        return {"version": STATE_VERSION, "structure": self.structure, "kind": self.kind,
+                "likelihood": self.likelihood, "num_data": self.num_data,
+                "batch_size": self.batch_size, "num_params": self.num_params, "mean": self.mean,
+                "prior": self._prior.diag if self._prior.kind == "diagonal" else self._prior.value,
+                "operator": operator_state(self.precision), "log_likelihood": self._loglik}
 
-    def _predictive_nll(self, x, y, link_approx: str) -> float:
-        """Mean negative log-likelihood of the GLM predictive on ``(x, y)`` (or batches of them)."""
-        total, count = 0.0, 0
-        for b in iter_batches(x, y, self.label_key, False):
-            if b.targets is None:
-                raise ValueError("method='gridsearch' needs the labels of the held-out batches")
-            total += self._batch_nll(b.inputs, b.targets, link_approx) * b.size
-            count += b.size
-        return total / count
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` into a posterior of the same model and structure.
 
-    def _batch_nll(self, x, y: Tensor, link_approx: str) -> float:
-        if self.likelihood == "regression":
-            mean, cov = self.predictive(x, "glm")
-            S = cov.to(torch.float64) + torch.eye(cov.shape[1], dtype=torch.float64, device=cov.device)
-            d = (y.to(torch.float64) - mean.to(torch.float64))[:, :, None]
-            quad = (d.transpose(1, 2) @ torch.linalg.solve(S, d))[:, 0, 0]
-            return float(0.5 * (quad + torch.logdet(S) + S.shape[1] * math.log(2 * math.pi)).mean())
-        p = self.predictive(x, "glm", link_approx,
-                            generator=torch.Generator(device=y.device).manual_seed(0))
-        p = p.to(torch.float64).clamp_min(1e-12)
-        if self.likelihood == "classification":
-            return float(-p.gather(1, y.long().reshape(-1, 1)).log().mean())
-        yt = y.to(torch.float64)
-        return float(-(yt * p.log() + (1 - yt) * (1 - p).clamp_min(1e-12).log()).sum(1).mean())
+        Args:
+            state: the state.
+
+        Raises:
+            ValueError: the state is of another version, structure or parameter count.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
+        for key, mine in (("structure", self.structure), ("num_params", self.num_params)):
+            if state[key] != mine:
+                raise ValueError(f"the state is for {key}={state[key]!r} but this posterior has "
+                                 f"{key}={mine!r}; build a LaplacePosterior of the same model and "
+                                 "structure")
+        self.num_data, self.batch_size = int(state["num_data"]), int(state["batch_size"])
+        self.mean = state["mean"].to(self.mean)
+        self._theta_layer = self._to_layer(self.mean.to(torch.float64))
+        self.precision = operator_from_state(state["operator"])
+        self._loglik = state["log_likelihood"]
+        self.prior_precision = state["prior"]

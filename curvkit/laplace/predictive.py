@@ -1,17 +1,14 @@
-"""Predictive distributions of a Laplace posterior: linearised (GLM) and sampled network (NN).
+"""Predictive distributions from the functional mean and covariance (GLM) or sampled outputs (NN).
 
 Notation: ``f(x; θ) ∈ R^C`` the model output, ``J(x) = ∂f(x; θ)/∂θ |_{θ_MAP} ∈ R^{C×P}``,
-``Λ`` the posterior precision.
+``Λ`` the posterior precision. These are functions of tensors only, never of the posterior:
 
 * **GLM** (linearised network, Immer et al. 2021): ``f_lin(x; θ) = f(x; θ_MAP) + J(x)(θ − θ_MAP)``
-  is Gaussian under the posterior, ``N(f(x; θ_MAP), Σ_f(x))`` with the functional covariance
-  ``Σ_f(x) = J(x) Λ⁻¹ J(x)ᵀ`` (``C × C``). It is computed without sampling: for the full
-  structure by ``cᵀΛ⁻¹c = cᵀΛ_p⁻¹c − qᵀU_M⁻¹q`` from Gram matrices of the test Jacobian columns
-  (:meth:`~curvkit.linalg.perturb.DiagonalPlusLowRank.inverse_quad_blocks`), for the other
-  structures from explicit test Jacobian columns and the block solves.
-  The test Jacobian columns ``J(x_n)ᵀ 1_c`` are back-propagated like Fisher columns (one forward,
-  ``C`` unit seeds), so for dense layers they are never materialised.
-* **NN**: ``θ_s ∼ N(θ_MAP, Λ⁻¹)`` (exact samples), outputs ``f(x; θ_s)``.
+  is Gaussian under the posterior, ``N(f(x; θ_MAP), Σ_f(x))`` with ``Σ_f(x) = J(x) Λ⁻¹ J(x)ᵀ``
+  (``C × C``, from :meth:`curvkit.linalg.LinearOperator.inverse_quad_blocks`);
+  :func:`glm_predictive` takes ``(f_mean (N, C), f_var (N, C, C))``.
+* **NN**: outputs ``f(x; θ_s)`` at exact samples ``θ_s ∼ N(θ_MAP, Λ⁻¹)`` (Benzing 2022, App. C.1,
+  eq 11); :func:`nn_predictive` takes them as ``(S, N, C)``.
 
 Links (classification): ``"probit"`` is MacKay's approximation
 ``E[softmax(f)] ≈ softmax(f_MAP / √(1 + (π/8) diag Σ_f))`` (for ``"binary"`` the same with the
@@ -24,42 +21,12 @@ covariance of ``y`` is ``Σ_f + I``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
-
-from curvkit.capture import LayerAdapter, as_logits, forward, layer_errors, record
-from curvkit.linalg import OuterProductFactor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from curvkit.laplace.posterior import LaplacePosterior
 
 PRED_TYPES = ("glm", "nn")
 LINK_APPROX = ("probit", "mc")
-
-
-def output_jacobian_factors(model: torch.nn.Module, x, layers: list[LayerAdapter], output_fn=None
-                            ) -> tuple[Tensor, list[OuterProductFactor]]:
-    """Per-layer factors whose column ``m = n·C + c`` is ``∂f_c(x_n)/∂W̃_l`` (layer layout).
-
-    One forward pass and ``C`` backward passes with the unit seeds ``1_c`` (no scaling).
-
-    Returns:
-        ``(outputs (N, C) detached, [OuterProductFactor per layer])``.
-    """
-    with torch.enable_grad(), record(layers, keep_outputs=True) as rec:
-        out = forward(model, x, output_fn)
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            raise ValueError(f"the model output must be a 2-D tensor (N, C), got "
-                             f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
-        rec.check_complete(layers)
-        N, C = out.shape
-        seeds = torch.eye(C, dtype=out.dtype, device=out.device).expand(N, C, C)
-        errors = layer_errors(out, rec, layers, seeds)
-    return out.detach(), [OuterProductFactor(a, e) for a, e in zip(rec.inputs, errors)]
 
 
 def probit(f_mean: Tensor, f_var: Tensor, likelihood: str) -> Tensor:
@@ -68,13 +35,18 @@ def probit(f_mean: Tensor, f_var: Tensor, likelihood: str) -> Tensor:
     Args:
         f_mean: ``(N, C)``.
         f_var: ``(N, C, C)`` functional covariance (only its diagonal is used).
+        likelihood: ``"classification"`` or ``"binary"``.
+
+    Returns:
+        ``(N, C)`` probabilities.
     """
     kappa = torch.rsqrt(1.0 + math.pi / 8.0 * f_var.diagonal(dim1=1, dim2=2).clamp_min(0.0))
     z = kappa * f_mean
     return torch.sigmoid(z) if likelihood == "binary" else torch.softmax(z, dim=1)
 
 
-def _link(f: Tensor, likelihood: str) -> Tensor:
+def link(f: Tensor, likelihood: str) -> Tensor:
+    """``σ(f)`` (binary) or ``softmax(f)`` over the last dimension."""
     return torch.sigmoid(f) if likelihood == "binary" else torch.softmax(f, dim=-1)
 
 
@@ -84,14 +56,25 @@ def _sqrt_psd(S: Tensor) -> Tensor:
     return (evecs * evals.clamp_min(0.0).sqrt()[:, None, :]) @ evecs.transpose(1, 2)
 
 
-def glm_predictive(post: LaplacePosterior, x: Tensor, link_approx: str, n_samples: int,
-                   generator: torch.Generator | None):
-    """Linearised predictive (see module doc)."""
-    f_mean, f_var = post._functional(x)
-    if post.likelihood == "regression":
+def glm_predictive(f_mean: Tensor, f_var: Tensor, likelihood: str, link_approx: str = "probit",
+                   n_samples: int = 100, generator: torch.Generator | None = None):
+    """Linearised predictive from ``N(f_mean, f_var)`` (module doc).
+
+    Args:
+        f_mean: ``(N, C)`` outputs at ``θ_MAP``.
+        f_var: ``(N, C, C)`` functional covariances ``J Λ⁻¹ Jᵀ``.
+        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
+        link_approx: ``"probit"`` or ``"mc"``.
+        n_samples: Monte Carlo samples for ``"mc"``.
+        generator: randomness for ``"mc"``.
+
+    Returns:
+        Probabilities ``(N, C)``, or ``(f_mean, f_var)`` for regression.
+    """
+    if likelihood == "regression":
         return f_mean, f_var
     if link_approx == "probit":
-        return probit(f_mean, f_var, post.likelihood)
+        return probit(f_mean, f_var, likelihood)
     root = _sqrt_psd(f_var.to(torch.float64))
     N, C = f_mean.shape
     acc = torch.zeros(N, C, dtype=torch.float64, device=f_mean.device)
@@ -100,31 +83,22 @@ def glm_predictive(post: LaplacePosterior, x: Tensor, link_approx: str, n_sample
         k = min(step, n_samples - j)
         eps = torch.randn(k, N, C, 1, dtype=torch.float64, device=f_mean.device, generator=generator)
         f = f_mean.to(torch.float64)[None] + (root[None] @ eps)[..., 0]
-        acc += _link(f, post.likelihood).sum(0)
+        acc += link(f, likelihood).sum(0)
     return (acc / n_samples).to(f_mean.dtype)
 
 
-def nn_predictive(post: LaplacePosterior, x: Tensor, n_samples: int,
-                  generator: torch.Generator | None):
-    """Sampled-network predictive: average of ``link(f(x; θ_s))`` over exact posterior samples."""
-    names = post.param_names
-    step = max(1, 2**27 // max(1, 8 * post.num_params))
-    outs = []
-    with torch.no_grad():
-        for j in range(0, n_samples, step):
-            thetas = post.sample(min(step, n_samples - j), generator)
-            for th in thetas:
-                params = {nm: t.view_as(p) for nm, t, p in
-                          zip(names, th.split(post.numels), post.params)}
-                if isinstance(x, Mapping):
-                    out = functional_call(post.model, params, (), dict(x))
-                else:
-                    out = functional_call(post.model, params, tuple(x) if isinstance(
-                        x, (tuple, list)) else (x,))
-                outs.append(as_logits(out, post.output_fn))
-    f = torch.stack(outs)  # (S, N, C)
-    if post.likelihood == "regression":
-        mean = f.mean(0)
-        d = f - mean
-        return mean, torch.einsum("snc,snd->ncd", d, d) / max(1, n_samples - 1)
-    return _link(f, post.likelihood).mean(0)
+def nn_predictive(f_samples: Tensor, likelihood: str):
+    """Sampled-network predictive from outputs ``f(x; θ_s)`` of shape ``(S, N, C)``.
+
+    Args:
+        f_samples: outputs at the posterior samples.
+        likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
+
+    Returns:
+        The mean of ``link(f_s)`` ``(N, C)``, or ``(mean, covariance)`` of ``f_s`` for regression.
+    """
+    if likelihood == "regression":
+        mean = f_samples.mean(0)
+        d = f_samples - mean
+        return mean, torch.einsum("snc,snd->ncd", d, d) / max(1, f_samples.shape[0] - 1)
+    return link(f_samples, likelihood).mean(0)

@@ -8,7 +8,9 @@ from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
 from curvkit.linalg.dense import Dense
 from curvkit.linalg.diagonal import Diagonal
 from curvkit.linalg.kronecker import Kronecker, pi_damping
+from curvkit.linalg.lowrank import DenseFactor, LowRankFactor, ScaledFactor, StackedFactor
 from curvkit.linalg.operator import (
+    DampingError,
     InverseOperator,
     LinearOperator,
     SingularError,
@@ -16,11 +18,11 @@ from curvkit.linalg.operator import (
     check_memory,
 )
 from curvkit.linalg.outer import OuterProductFactor
-from curvkit.linalg.woodbury import DenseFactor, LowRankFactor, StackedFactor, Woodbury
+from curvkit.linalg.woodbury import Woodbury
 
 __all__ = [
     "LinearOperator", "InverseOperator", "SingularError", "check_memory", "available_memory_bytes",
-    "damped_cholesky", "SPDFactor",
-    "Woodbury", "LowRankFactor", "DenseFactor", "StackedFactor", "OuterProductFactor",
+    "damped_cholesky", "SPDFactor", "DampingError",
+    "Woodbury", "LowRankFactor", "DenseFactor", "StackedFactor", "ScaledFactor", "OuterProductFactor",
     "BlockDiagonal", "Diagonal", "Dense", "Kronecker", "pi_damping",
 ]

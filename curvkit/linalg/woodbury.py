@@ -237,8 +237,8 @@ class Woodbury(LinearOperator):
             core = (R, None, damped_cholesky(self.dense64(), damping, name=self.name), 1.0)
         else:
             M = self.factor.rank
-            check_memory(3 * M * M * 8, f"the {M}×{M} Woodbury core of {self.name}", self.device)
             V = self.factor.whiten(R)
+            check_memory(3 * M * M * 8, f"the {M}×{M} Woodbury core of {self.name}", self.device)
             K = V.gram64()
             K.diagonal().add_(1.0)
             core = (R, V, damped_cholesky(K, 0.0, name=f"{self.name} (whitened core)",
