@@ -1,6 +1,6 @@
 """Exact subsampled Fisher structures in Woodbury form: ``"full"`` and ``"block_diag"``.
 
-``F = G Gᵀ`` with ``G`` given per layer by the captured ``(a, e)`` (math_spec §2-4):
+``F = G Gᵀ`` with ``G`` given per layer by the captured ``(a, e)`` (Benzing 2022, App. I, eqs 19–23):
 
 * ``"full"``: one Woodbury operator on the stacked layer factors; the ``M × M`` Gram is
   ``K = Σ_l (A_lᵀA_l) ⊙ (E_lᵀE_l)`` (location Gram or per-sample route for convolutions).

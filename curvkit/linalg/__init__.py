@@ -5,13 +5,13 @@ No ``nn.Module``, no hooks, no data here.
 
 from curvkit.linalg.blockdiag import BlockDiagonal
 from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
+from curvkit.linalg.compose import InverseOperator
 from curvkit.linalg.dense import Dense
 from curvkit.linalg.diagonal import Diagonal
 from curvkit.linalg.kronecker import Kronecker, pi_damping
 from curvkit.linalg.lowrank import DenseFactor, LowRankFactor, ScaledFactor, StackedFactor
 from curvkit.linalg.operator import (
     DampingError,
-    InverseOperator,
     LinearOperator,
     SingularError,
     available_memory_bytes,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from curvkit.linalg.lowrank import column_group_grams
 from curvkit.linalg.operator import Damping, LinearOperator, SingularError, damping_str
 
 
@@ -70,10 +71,8 @@ class Diagonal(LinearOperator):
         return 1.0 / self._damped(damping)
 
     def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
-        from curvkit.linalg.operator import _column_group_grams
-
         H = J.dense(torch.float64) * self._damped(damping).rsqrt()[:, None]
-        return _column_group_grams(H, R)
+        return column_group_grams(H, R)
 
     def _eigenvalues(self) -> Tensor:
         return self.d.to(torch.float64).clamp_min(0.0)

@@ -1,7 +1,8 @@
 """Kronecker-factored operator ``B ⊗ A`` acting on row-major ``vec_r(V)``, ``V ∈ R^{d_out×d_in}``.
 
 With row-major vectorisation ``(B ⊗ A) vec_r(V) = vec_r(B V A)`` for symmetric ``A``, ``B``
-(math_spec §1). Two damped inverses (math_spec §5.3–5.4, paper eqs 3–4):
+(Benzing 2022, Sec. 2 notation). Two damped inverses (Sec. 2, eqs 2–4; standard damping as in
+footnote 2):
 
 * ``"exact"`` (standard damping): ``(B ⊗ A + λI)⁻¹``, via eigendecompositions
   ``A = U_A diag(s_A) U_Aᵀ``, ``B = U_B diag(s_B) U_Bᵀ``::

@@ -28,6 +28,13 @@ __all__ = ["LowRankFactor", "DenseFactor", "StackedFactor", "ScaledFactor", "CHU
            "rank_one_split"]
 
 
+def column_group_grams(H: Tensor, R: int) -> Tensor:
+    """``(n, R, R)`` Grams ``H_gᵀ H_g`` of the consecutive ``R``-column groups of ``H`` (``P × nR``)."""
+    n = H.shape[1] // R
+    G = H.reshape(H.shape[0], n, R)
+    return torch.einsum("pnr,pnq->nrq", G, G)
+
+
 def rank_one_split(S: Tensor, rtol: float = 1e-12) -> tuple[Tensor, Tensor] | None:
     """``(r, c)`` with ``S = r cᵀ`` if the positive matrix ``S`` has rank one, else ``None``."""
     r = S[:, 0]

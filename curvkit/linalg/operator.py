@@ -123,9 +123,9 @@ class LinearOperator:
         return self._dense_factor(damping).inverse_diagonal()
 
     def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
-        X = J.dense(torch.float64)
-        H = self._dense_factor(damping).half_solve(X)
-        return _column_group_grams(H, R)
+        from curvkit.linalg.lowrank import column_group_grams
+
+        return column_group_grams(self._dense_factor(damping).half_solve(J.dense(torch.float64)), R)
 
     def _eigenvalues(self) -> Tensor:
         A = self.to_dense().to(torch.float64)
@@ -216,6 +216,8 @@ class LinearOperator:
     # ------------------------------------------------------------------ public API
     def __matmul__(self, v: Vector) -> Vector:
         if isinstance(v, LinearOperator):
+            from curvkit.linalg.compose import _Product
+
             return _Product(self, v)
         X, fmt = self._to_matrix(v)
         return self._from_matrix(self._matmat(X), fmt)
@@ -255,6 +257,11 @@ class LinearOperator:
     def _rank_bound(self) -> int:
         return self.shape[0]
 
+    def _check_mode(self, damping_mode: str) -> None:
+        if damping_mode not in self.damping_modes:
+            raise ValueError(f"damping_mode={damping_mode!r} is not available for {self.name}; it "
+                             f"supports {list(self.damping_modes)}")
+
     def solve(self, v: Vector, damping: Damping = 0.0, damping_mode: str = "exact") -> Vector:
         """``(A + D)⁻¹ v`` for ``v`` in any vector format; same format back.
 
@@ -273,11 +280,7 @@ class LinearOperator:
             DampingError: a per-parameter damping this structure cannot apply exactly.
             SingularError: ``A + D`` is singular.
         """
-        if damping_mode not in self.damping_modes:
-            raise ValueError(
-                f"damping_mode={damping_mode!r} is not available for {self.name}; it supports "
-                f"{list(self.damping_modes)}"
-            )
+        self._check_mode(damping_mode)
         damping = self._check_damping(damping)
         X, fmt = self._to_matrix(v)
         if not bool(torch.isfinite(X).all()):
@@ -381,11 +384,9 @@ class LinearOperator:
 
     def inverse(self, damping: Damping = 0.0, damping_mode: str = "exact") -> LinearOperator:
         """The operator ``(A + D)⁻¹`` (applied through :meth:`solve`)."""
-        if damping_mode not in self.damping_modes:
-            raise ValueError(
-                f"damping_mode={damping_mode!r} is not available for {self.name}; it supports "
-                f"{list(self.damping_modes)}"
-            )
+        self._check_mode(damping_mode)
+        from curvkit.linalg.compose import InverseOperator
+
         return InverseOperator(self, self._check_damping(damping), damping_mode)
 
     def factorize(self, damping: float = 0.0, damping_mode: str = "exact") -> LinearOperator:
@@ -393,11 +394,7 @@ class LinearOperator:
 
         Returns ``self``, so ``F.factorize(λ).solve(v, λ)`` chains.
         """
-        if damping_mode not in self.damping_modes:
-            raise ValueError(
-                f"damping_mode={damping_mode!r} is not available for {self.name}; it supports "
-                f"{list(self.damping_modes)}"
-            )
+        self._check_mode(damping_mode)
         damping = self._check_damping(damping)
         if not isinstance(damping, Tensor):
             self._prepare(damping, damping_mode)
@@ -452,145 +449,21 @@ class LinearOperator:
         return op
 
     def __add__(self, other: LinearOperator) -> LinearOperator:
+        from curvkit.linalg.compose import _Sum
+
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return _Sum(self, other)
 
     def __mul__(self, c: float) -> LinearOperator:
+        from curvkit.linalg.compose import _Scaled
+
         return _Scaled(self, float(c))
 
     __rmul__ = __mul__
 
     def __repr__(self) -> str:
         return f"{self.name}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
-
-
-def _column_group_grams(H: Tensor, R: int) -> Tensor:
-    """``(n, R, R)`` Grams ``H_gᵀ H_g`` of the consecutive ``R``-column groups of ``H`` (``P × nR``)."""
-    n = H.shape[1] // R
-    G = H.reshape(H.shape[0], n, R)
-    return torch.einsum("pnr,pnq->nrq", G, G)
-
-
-def _apply_diag(d: Damping, X: Tensor) -> Tensor:
-    """``D X`` for a scalar or ``(P,)`` damping."""
-    return d.to(X.dtype)[:, None] * X if isinstance(d, Tensor) else d * X
-
-
-class InverseOperator(LinearOperator):
-    """``(A + D)⁻¹`` for a base operator ``A``; ``@`` calls ``A.solve``."""
-
-    def __init__(self, base: LinearOperator, damping: Damping, damping_mode: str = "exact") -> None:
-        super().__init__(base.shape[0], base.dtype, base.device, base.block_shapes,
-                         name=f"({base.name} + {damping_str(damping)})⁻¹")
-        self.base, self.damping, self.damping_mode = base, damping, damping_mode
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        return self.base._solve(X, self.damping, self.damping_mode)
-
-    def _solve(self, X: Tensor, damping: Damping, damping_mode: str) -> Tensor:
-        if isinstance(damping, Tensor) or damping != 0:
-            raise NotImplementedError(f"{self.name}: solve with extra damping is not supported")
-        return self.base._matmat(X) + _apply_diag(self.damping, X)
-
-    def _logdet(self, damping: Damping) -> Tensor:
-        if isinstance(damping, Tensor) or damping != 0:
-            return super()._logdet(damping)
-        if self.damping_mode != "exact":
-            return super()._logdet(0.0)
-        return -self.base._logdet(self.damping)
-
-
-class _Sum(LinearOperator):
-    def __init__(self, a: LinearOperator, b: LinearOperator) -> None:
-        if a.shape != b.shape:
-            raise ValueError(f"cannot add operators of shapes {a.shape} and {b.shape}")
-        super().__init__(a.shape[0], a.dtype, a.device, a.block_shapes, name=f"{a.name}+{b.name}")
-        self.a, self.b = a, b
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        return self.a._matmat(X) + self.b._matmat(X)
-
-    def _rank_bound(self) -> int:
-        return min(self.shape[0], self.a._rank_bound() + self.b._rank_bound())
-
-    def _is_singular(self) -> bool:  # rank(A + B) ≤ rank A + rank B
-        return self._rank_bound() < self.shape[0]
-
-    def diagonal(self) -> Tensor:
-        return self.a.diagonal() + self.b.diagonal()
-
-
-class _Scaled(LinearOperator):
-    """``c·A``: every method maps to ``A`` with the damping divided by ``c``."""
-
-    def __init__(self, a: LinearOperator, c: float) -> None:
-        if c < 0:
-            raise ValueError(f"scaling must be ≥ 0 to keep the operator PSD, got {c}")
-        super().__init__(a.shape[0], a.dtype, a.device, a.block_shapes, name=f"{c}·{a.name}")
-        self.a, self.c = a, c
-        self.damping_modes = a.damping_modes
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        return self.c * self.a._matmat(X)
-
-    def _is_singular(self) -> bool:
-        return self.c == 0 or self.a._is_singular()
-
-    def _rank_bound(self) -> int:
-        return 0 if self.c == 0 else self.a._rank_bound()
-
-    def _solve(self, X: Tensor, damping: Damping, damping_mode: str) -> Tensor:
-        if self.c == 0:
-            return X / damping[:, None] if isinstance(damping, Tensor) else X / damping
-        return self.a._solve(X, damping / self.c, damping_mode) / self.c
-
-    def _prepare(self, damping: float, damping_mode: str) -> None:
-        if self.c != 0:
-            self.a._prepare(damping / self.c, damping_mode)
-
-    def _logdet(self, damping: Damping) -> Tensor:
-        if self.c == 0:
-            if isinstance(damping, Tensor):
-                return damping.log().sum()
-            return torch.tensor(self.shape[0] * math.log(damping), dtype=torch.float64)
-        return self.shape[0] * math.log(self.c) + self.a._logdet(damping / self.c)
-
-    def _nonzero(self) -> None:
-        if self.c == 0:
-            raise NotImplementedError(f"{self.name}: the zero operator; use the damping alone")
-
-    def _sample(self, k: int, damping: Damping, generator: torch.Generator | None) -> Tensor:
-        self._nonzero()
-        return self.a._sample(k, damping / self.c, generator) / math.sqrt(self.c)
-
-    def _inverse_diagonal(self, damping: Damping) -> Tensor:
-        self._nonzero()
-        return self.a._inverse_diagonal(damping / self.c) / self.c
-
-    def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
-        self._nonzero()
-        return self.a._inverse_quad_blocks(J, R, damping / self.c) / self.c
-
-    def _eigenvalues(self) -> Tensor:
-        return self.c * self.a.eigenvalues()
-
-    def _logdet_function(self, group_sizes: list[int] | None) -> Callable[[Tensor], Tensor]:
-        self._nonzero()
-        fa, shift, P = self.a._logdet_function(group_sizes), math.log(self.c), self.shape[0]
-        return lambda t: P * shift + fa(t - shift)
-
-    def diagonal(self) -> Tensor:
-        return self.c * self.a.diagonal()
-
-
-class _Product(LinearOperator):
-    def __init__(self, a: LinearOperator, b: LinearOperator) -> None:
-        super().__init__(a.shape[0], a.dtype, a.device, a.block_shapes, name=f"{a.name}@{b.name}")
-        self.a, self.b = a, b
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        return self.a._matmat(self.b._matmat(X))
 
 
 def available_memory_bytes(device: torch.device | str = "cpu") -> int:

@@ -10,8 +10,9 @@ Index letters used throughout (declared once):
 * ``k`` -- right-hand side index.
 
 Column ``m = (n, r)`` of the layer factor ``U`` is ``vec_r(Σ_t e_{n r t} a_{n t}ᵀ)`` (row-major
-``d_out × d_in``), i.e. the per-sample gradient of that column (math_spec §2, §3.5). Scalars such as
-``1/√N`` or ``√p`` are already folded into ``e``. Then (math_spec §3.2, §3.5)::
+``d_out × d_in``), i.e. the per-sample gradient of that column (Benzing 2022, App. I; for convolutions the
+per-sample gradient is a sum over locations). Scalars such as
+``1/√N`` or ``√p`` are already folded into ``e``. Then (App. I, eqs 21–23)::
 
     (Uᵀ X)_m   = Σ_t e_{mt}ᵀ V a_{n t}                     V = mat_r(X)
     (U w)      = vec_r( Σ_{n,t} (Σ_r w_{nr} e_{nrt}) a_{nt}ᵀ )

@@ -10,11 +10,12 @@ and numbers; :func:`operator_from_state` rebuilds the same operator (same number
 from __future__ import annotations
 
 from curvkit.linalg.blockdiag import BlockDiagonal
+from curvkit.linalg.compose import _Scaled
 from curvkit.linalg.dense import Dense
 from curvkit.linalg.diagonal import Diagonal
 from curvkit.linalg.kronecker import Kronecker
 from curvkit.linalg.lowrank import DenseFactor, LowRankFactor, ScaledFactor, StackedFactor
-from curvkit.linalg.operator import LinearOperator, _Scaled
+from curvkit.linalg.operator import LinearOperator
 from curvkit.linalg.outer import OuterProductFactor
 from curvkit.linalg.woodbury import Woodbury
 

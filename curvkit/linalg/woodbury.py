@@ -1,7 +1,7 @@
 """Low-rank operators ``A = U Uᵀ`` and their damped inverse by the Woodbury identity.
 
 ``U ∈ R^{P×M}`` is never materialised: a :class:`LowRankFactor` gives only ``Uᵀ X``, ``U W`` and
-the ``M × M`` Gram ``K = Uᵀ U``. With ``λ > 0`` (math_spec §3.1, paper eq. 20)::
+the ``M × M`` Gram ``K = Uᵀ U``. With ``λ > 0`` (Benzing 2022, App. I, eqs 19–20)::
 
     (λ I_P + U Uᵀ)⁻¹ X = λ⁻¹ [ X − U (λ I_M + K)⁻¹ Uᵀ X ]
     log det(λ I_P + U Uᵀ) = (P − M) log λ + log det(λ I_M + K)
@@ -63,14 +63,14 @@ import torch
 from torch import Tensor
 
 from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
-from curvkit.linalg.lowrank import CHUNK_BYTES, DenseFactor, LowRankFactor, StackedFactor
-from curvkit.linalg.operator import (
-    Damping,
-    LinearOperator,
-    _column_group_grams,
-    available_memory_bytes,
-    check_memory,
+from curvkit.linalg.lowrank import (
+    CHUNK_BYTES,
+    DenseFactor,
+    LowRankFactor,
+    StackedFactor,
+    column_group_grams,
 )
+from curvkit.linalg.operator import Damping, LinearOperator, available_memory_bytes, check_memory
 from curvkit.linalg.outer import colmajor
 
 __all__ = ["Woodbury", "LowRankFactor", "DenseFactor", "StackedFactor"]
@@ -288,7 +288,7 @@ class Woodbury(LinearOperator):
     def _inverse_quad_blocks(self, J: LowRankFactor, R: int, damping: Damping) -> Tensor:
         Rs, V, fac, _ = self._core(damping)
         if V is None:
-            return _column_group_grams(fac.half_solve(J.dense(torch.float64)), R)
+            return column_group_grams(fac.half_solve(J.dense(torch.float64)), R)
         Jw = J.whiten(Rs) if Rs.dim() else J
         Q = V.cross_gram64(Jw)
         n = J.rank // R
