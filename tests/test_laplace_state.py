@@ -79,3 +79,20 @@ def test_curvature_solve_with_per_parameter_damping_matches_dense():
     K = curvkit.fisher(case.model, case.inputs, case.targets, structure="kfac")
     with pytest.raises(TypeError, match="per-parameter damping .* not exact"):
         K.solve(v, damping=d)
+
+
+def test_laplace_reaches_capture_only_through_curvature_and_has_no_cycle():
+    import ast
+    import pathlib
+
+    pkg = pathlib.Path(curvkit.__file__).parent / "laplace"
+    for path in pkg.glob("*.py"):
+        mods = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("curvkit"):
+                mods.add(node.module)
+        parts = {m.split(".")[1] for m in mods if m.count(".") >= 1}
+        assert parts <= {"linalg", "curvature", "laplace"}, (path.name, parts)
+        if path.name in ("predictive.py", "evidence.py", "prior.py"):  # no posterior ⇄ cycle
+            assert "curvkit.laplace.posterior" not in mods, path.name
+        assert len(path.read_text().splitlines()) < 500, path.name
