@@ -43,7 +43,6 @@ from torch import nn
 
 import curvkit
 from curvkit.linalg import Woodbury
-from curvkit.linalg.factor_ops import to_float64
 
 
 def mlp(widths: list[int]) -> nn.Sequential:
@@ -99,7 +98,7 @@ class Residual:
     """True relative residual ``‖(F + λI)x − v‖/‖v‖`` in float64 (layer space = flat here)."""
 
     def __init__(self, W: Woodbury, lam: float) -> None:
-        self.W64 = Woodbury(to_float64(W.factor), route="dual")
+        self.W64 = Woodbury(W.factor.to64(), route="dual")
         self.lam = lam
 
     def __call__(self, x: torch.Tensor, v: torch.Tensor) -> float:
