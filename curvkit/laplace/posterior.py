@@ -45,17 +45,15 @@ from curvkit.curvature.jacobian import (
     output_jacobian_factors,
     slice_inputs,
 )
-from curvkit.laplace import tuning
+from curvkit.laplace import saving, tuning
 from curvkit.laplace.evidence import laplace_evidence, log_likelihood_terms, use_eigenvalues
 from curvkit.laplace.predictive import LINK_APPROX, PRED_TYPES, glm_predictive, nn_predictive
 from curvkit.laplace.prior import PriorPrecision
 from curvkit.linalg import BlockDiagonal, LinearOperator, ScaledFactor, StackedFactor, Woodbury
 from curvkit.linalg.lowrank import CHUNK_BYTES
 from curvkit.linalg.operator import DampingError
-from curvkit.linalg.state import operator_from_state, operator_state
 
 LOWRANK_STRUCTURES = ("full", "block_diag")
-STATE_VERSION = 1
 
 
 class LaplacePosterior:
@@ -474,20 +472,12 @@ class LaplacePosterior:
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict:
-        """Everything the posterior's numbers depend on, as tensors/str/numbers.
-
-        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``: the layer-space
-        operator ``n·F`` (:func:`curvkit.linalg.state.operator_state`), ``θ_MAP``, the prior and
-        the scaled batch log-likelihood (when computed).
+        """Everything the posterior's numbers depend on (see :func:`curvkit.laplace.saving.state`).
 
         Returns:
-            The state.
+            Tensors/str/numbers that round-trip through ``torch.load(weights_only=True)``.
         """
-        return {"version": STATE_VERSION, "structure": self.structure, "kind": self.kind,
-                "likelihood": self.likelihood, "num_data": self.num_data,
-                "batch_size": self.batch_size, "num_params": self.num_params, "mean": self.mean,
-                "prior": self._prior.diag if self._prior.kind == "diagonal" else self._prior.value,
-                "operator": operator_state(self.precision), "log_likelihood": self._loglik}
+        return saving.state(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` into a posterior of the same model and structure.
@@ -498,16 +488,4 @@ class LaplacePosterior:
         Raises:
             ValueError: the state is of another version, structure or parameter count.
         """
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
-        for key, mine in (("structure", self.structure), ("num_params", self.num_params)):
-            if state[key] != mine:
-                raise ValueError(f"the state is for {key}={state[key]!r} but this posterior has "
-                                 f"{key}={mine!r}; build a LaplacePosterior of the same model and "
-                                 "structure")
-        self.num_data, self.batch_size = int(state["num_data"]), int(state["batch_size"])
-        self.mean = state["mean"].to(self.mean)
-        self._theta_layer = self._to_layer(self.mean.to(torch.float64))
-        self.precision = operator_from_state(state["operator"])
-        self._loglik = state["log_likelihood"]
-        self.prior_precision = state["prior"]
+        saving.load(self, state)

@@ -81,7 +81,7 @@ def gridsearch(post, per_layer: bool, x: Tensor | None, y: Tensor | None,
     if per_layer:
         raise ValueError("method='gridsearch' tunes a scalar prior precision; use "
                          "method='marglik' for per_layer=True")
-    if is_single_batch(x) and (x is None or y is None or not isinstance(x, Tensor)
+    if x is None or is_single_batch(x) and (y is None or not isinstance(x, Tensor)
                                or not isinstance(y, Tensor) or x.shape[0] == 0
                                or y.shape[0] != x.shape[0]):
         raise ValueError("method='gridsearch' needs held-out data: val_inputs and val_targets "
