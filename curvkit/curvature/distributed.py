@@ -128,9 +128,7 @@ class ShardedFactor(LowRankFactor):
 
     # float64-accumulated products of the Woodbury solve (see LowRankFactor)
     def gram64(self) -> Tensor:
-        from curvkit.linalg.factor_ops import cross_gram64
-
-        row = torch.cat([cross_gram64(self.local, self._from_rank(s))
+        row = torch.cat([self.local.cross_gram64(self._from_rank(s))
                          for s in range(len(self.counts))], dim=1)
         return all_gather_rows(row)
 
