@@ -188,13 +188,19 @@ class LaplacePosterior:
     def _fisher_operator(self) -> LinearOperator:
         """The layer-space ``F``: the curvature's operator, or for ``"full"``/``"block_diag"`` its
         Woodbury form with the softmax rank reduction and the cost-chosen route."""
-        cap = self.curvature.captured
-        if self.structure not in LOWRANK_STRUCTURES or cap is None:
-            return self.curvature.operator
+        cap, op = self.curvature.captured, self.curvature.operator
+        route = "cost" if self.route_option == "auto" else self.route_option
+        if cap is None:  # e.g. columns gathered from a loader: re-route its Woodbury blocks
+            def reroute(o):
+                return Woodbury(o.factor, route=route, name=o.name) if isinstance(o, Woodbury) else o
+            if isinstance(op, BlockDiagonal) and any(isinstance(b, Woodbury) for b in op.blocks):
+                return BlockDiagonal([reroute(b) for b in op.blocks], name=op.name)
+            return reroute(op)
+        if self.structure not in LOWRANK_STRUCTURES:
+            return op
         applicable = cap.likelihood == "classification" and cap.kind == "exact"
         reduce = self.reduce_rank is True or (self.reduce_rank == "auto" and applicable
                                               and cap.outputs.shape[1] >= 2)
-        route = "cost" if self.route_option == "auto" else self.route_option
         return lowrank_operator(cap, self.layers, self.structure, route, reduce_rank=reduce)
 
     def _woodbury_blocks(self) -> list[Woodbury]:
