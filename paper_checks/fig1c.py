@@ -37,7 +37,7 @@ REQUIRES = ("curvkit.optim:KFAC", "curvkit.optim:NaturalGradient")
 def run(h: Harness) -> CheckResult:
     t0 = time.perf_counter()
     setup = minibatch(h)
-    n_f = h.pick(400, 300, 200)
+    n_f = h.pick(300, 300, 200)
     nat_big = Method.make(f"Nat. grad. MC (N_F={n_f})", "natural", kind="mc", structure="full",
                           fisher_batch="independent", fisher_size=n_f)
     res = h.tune(setup, [(KFAC, grid_kfac(h)), (NAT, grid_nat(h))], desc=NAME)

@@ -105,7 +105,7 @@ def run(h: Harness) -> CheckResult:
     t0 = time.perf_counter()
     setup = minibatch(h)
     dampings = [d / BATCH for d in PAPER_DAMPINGS]
-    lrs = h.pick((3e-4, 1e-3, 3e-3, 1e-2), (1e-3, 3e-3), (3e-3,))
+    lrs = h.pick((3e-4, 1e-3, 3e-3), (1e-3, 3e-3), (3e-3,))
     plans = []
     for lam in dampings:  # λ fixed per method by design; η widened automatically
         plans.append((Method.make(f"KFAC λ_p={lam * BATCH:g}", "kfac", ema_decay=0.95, inv_period=1),

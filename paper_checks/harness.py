@@ -84,7 +84,7 @@ class Config:
     commit: bool = False
     progress: bool = True
     command: str = ""
-    screen: int | None = 3
+    screen: int | None = 2
     cap: int = WIDEN_CAP
 
     def __post_init__(self) -> None:
@@ -358,8 +358,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded with every result."""
+    import inspect
+
+    from curvkit.optim import KFAC
+
+    order = ("Algorithm 1 (precondition_with available, default used)"
+             if "precondition_with" in inspect.signature(KFAC.__init__).parameters
+             else "current batch folded in before the update (this curvkit has no precondition_with)")
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "platform": sys.platform}
+            "cpus": os.cpu_count(), "platform": sys.platform, "kfac_foof_update_order": order}
 
 
 __all__ = [

@@ -17,12 +17,12 @@ from paper_checks import CHECKS
 PROTOCOL = """\
 **Protocol** (paper App. D.5, scaled to 2 CPU cores). Bias-free ReLU MLPs with Kaiming-normal
 (ReLU gain) initialisation of every layer, cross-entropy, constant learning rate and damping;
-FOOF/KFAC start from App. K's initialisation (factor EMAs filled from 50 minibatches, one inversion)
-and follow Algorithm 1's update order (the preconditioner of step t never contains batch t). Each
+FOOF/KFAC start from App. K's initialisation (factor EMAs filled from 50 minibatches, one inversion);
+their update order: {order}. Each
 method gets its own search over **independent** learning-rate and damping axes (learning rates on
 {1,3}×10^i, dampings on 10^(2i); the minibatch natural gradient over App. D.3's α = η/λ and λ):
-every grid point runs on seed 0, the 3 best (2 for Fig 1C's N_F = 400 and Fig I.6) run with every
-seed, and the point with the lowest **median** final training loss over the seeds is selected (a
+every grid point runs on seed 0, the 2 best run with every seed, and the point with the lowest
+**median** final training loss over the seeds is selected (a
 point with a diverged seed is not eligible); no fallbacks. **Edge widening:** if the selected point
 is the smallest or largest value of an axis among the evaluated points of its row/column, that axis
 gets the next value beyond the edge (at the selected value of the other axis and its neighbours)
@@ -48,9 +48,9 @@ DEVIATIONS = """\
 line gives its exact sizes):
 
 * data and width: MNIST-1D (20 000 generated training points) / digits instead of (Fashion-)MNIST,
-  hidden width 64 instead of 1000 (Fig 4A times the paper's 1000-wide layers); 800 minibatch updates
-  (4 epochs) instead of 6000;
-* Fig 1C: Fisher batch 400 instead of 1000/4000; Fig 1D/2C: a 64-point subset of the 4000-point
+  hidden width 64 instead of 1000 (Fig 4A times the paper's 1000-wide layers); 600 minibatch updates
+  (3 epochs) instead of 6000;
+* Fig 1C: Fisher batch 300 instead of 1000/4000; Fig 1D/2C: a 64-point subset of the 4000-point
   MNIST-1D instead of 1000 images (the Full Fisher has 10 columns per input and a 10N × 10N Cholesky
   per update); Fig 2A uses 1000 digits images;
 * SGD momentum fixed at 0.9 (the paper also tried 0); the curvature methods run without momentum,
@@ -124,7 +124,8 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any] | None, figure_pr
         lines.append(f"| {i} | **{_cell(r['title'])}**: {_cell(r['claim'])} | {_cell(r['paper'])} | "
                      f"{_cell(r['ours'])} | **{r['verdict']}**{' (' + _cell(cav) + ')' if cav else ''} "
                      f"| {fig} |")
-    lines += ["", PROTOCOL, "", DEVIATIONS, ""]
+    orders = sorted({r.get("environment", {}).get("kfac_foof_update_order", "?") for r in results})
+    lines += ["", PROTOCOL.replace("{order}", " / ".join(orders)), "", DEVIATIONS, ""]
     for r in extra:
         lines += ["## Where our implementation and the paper's public code differ", "",
                   *[f"* {part}" for part in str(r["ours"]).split("; ") if part], ""]
