@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full run without writing paper_checks/results, figures and REPORT.md")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--cap", type=int, default=None, help="automatic widenings per grid-axis side "
-                   "(default 3; 1 with --quick)")
+                   "(default 2; 1 with --quick)")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     return p.parse_args(argv)
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(level=level, seeds=seeds, jobs=max(1, args.jobs), out_dir=out, commit=commit,
                  progress=not args.no_progress, command=command.strip(),
                  screen=2, cap=args.cap if args.cap is not None else
-                 (3 if level == "full" else 1))
+                 (2 if level == "full" else 1))
     torch.set_num_threads(1)
     names = args.only or list(CHECKS)
     results: list[CheckResult] = []

@@ -22,8 +22,8 @@ INIT_BATCHES = 50
 def minibatch(h: Harness) -> Setup:
     """MNIST-1D generated with 20 000 training points, batch 100 (the Fig 1A/3A/4B analogue; the
     4000-point set saturates: KFAC drove it to ~1e-5 within 2000 updates)."""
-    return Setup(data="mnist1d-20k", n_train=None, hidden=WIDTH, batch_size=BATCH,
-                 steps=h.pick(600, 200, 20), eval_every=h.pick(50, 50, 10),
+    return Setup(data=h.pick("mnist1d-20k", "mnist1d-20k", "mnist1d"), n_train=None, hidden=WIDTH, batch_size=BATCH,
+                 steps=h.pick(400, 200, 20), eval_every=h.pick(50, 50, 10),
                  budgets=h.pick((100, 200), (50, 100), (10,)), init_batches=h.pick(INIT_BATCHES, 10, 2))
 
 
@@ -87,9 +87,9 @@ def grid_nat(h: Harness) -> Grid:
 
 # ------------------------------------------------------------------ full-batch controls (1D/2A/2C)
 #: Subset sizes of the full-batch MLP controls (the paper: 1000 images). The exact Full Fisher of
-#: N inputs has 10·N columns: a 640-point Cholesky per update at N = 64 keeps the independent η × λ
+#: N inputs has 10·N columns: a 480 × 480 Cholesky per update at N = 48 keeps the independent η × λ
 #: grids (with widening) of four natural-gradient variants within the budget.
-SUBSET_FULL, SUBSET_QUICK = 64, 48
+SUBSET_FULL, SUBSET_QUICK = 48, 32
 
 KFAC_FB = Method.make("KFAC (EMA 0)", "kfac", ema_decay=0.0, inv_period=1)
 GD_M = Method.make("GD+M", "sgd", momentum=0.9)

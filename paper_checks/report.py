@@ -26,7 +26,7 @@ every grid point runs on seed 0, the 2 best run with every seed, and the point w
 point with a diverged seed is not eligible); no fallbacks. **Edge widening:** if the selected point
 is the smallest or largest value of an axis among the evaluated points of its row/column, that axis
 gets the next value beyond the edge (at the selected value of the other axis and its neighbours)
-and the selection repeats, up to 3 widenings per axis side; an axis that is fixed by the check's
+and the selection repeats, up to 2 widenings per axis side; an axis that is fixed by the check's
 design (one damping per curve in Fig 3C/3D and I.6, Fig 1C's λ) is not widened. Every verdict lists
 its caveats: optima still on an edge, diverged seeds, seed spreads > 3×. Results are medians
 [min–max] over 3 seeds; ratios use medians. Next to the final losses the tables give the losses at
@@ -48,9 +48,9 @@ DEVIATIONS = """\
 line gives its exact sizes):
 
 * data and width: MNIST-1D (20 000 generated training points) / digits instead of (Fashion-)MNIST,
-  hidden width 64 instead of 1000 (Fig 4A times the paper's 1000-wide layers); 600 minibatch updates
-  (3 epochs) instead of 6000;
-* Fig 1C: Fisher batch 300 instead of 1000/4000; Fig 1D/2C: a 64-point subset of the 4000-point
+  hidden width 64 instead of 1000 (Fig 4A times the paper's 1000-wide layers); 400 minibatch updates
+  (2 epochs) instead of 6000;
+* Fig 1C: Fisher batch 300 instead of 1000/4000; Fig 1D/2C: a 48-point subset of the 4000-point
   MNIST-1D instead of 1000 images (the Full Fisher has 10 columns per input and a 10N × 10N Cholesky
   per update); Fig 2A uses 1000 digits images;
 * SGD momentum fixed at 0.9 (the paper also tried 0); the curvature methods run without momentum,
