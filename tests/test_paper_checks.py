@@ -170,7 +170,7 @@ def test_public_code_standard_damping_is_the_transposed_b_eigenbasis():
 
 
 def test_foof_prime_kfac_steps_along_the_d9_direction():
-    from paper_checks.variants import kfac_class
+    from paper_checks.variants import direction_kwargs, kfac_class
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 6, bias=False), torch.nn.ReLU(),
@@ -178,11 +178,11 @@ def test_foof_prime_kfac_steps_along_the_d9_direction():
     x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
     cls = kfac_class("correct", "foof_d9")
     opt = cls(model, lr=0.1, damping=1e-2, ema_decay=0.0, inv_period=1, ema_steps=1,
-              generator=torch.Generator().manual_seed(0))
+              generator=torch.Generator().manual_seed(0), **direction_kwargs("foof_d9"))
     opt.initialize([x])
     torch.nn.functional.cross_entropy(model(x), y).backward()
     want = opt.direction(variant="foof", rescale="lambda_b")
-    kfac = opt.direction()
+    kfac = opt.direction(variant="kfac")
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     for p, b, w, k in zip(model.parameters(), before, want, kfac):
