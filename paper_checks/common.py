@@ -22,7 +22,8 @@ INIT_BATCHES = 50
 def minibatch(h: Harness) -> Setup:
     """MNIST-1D generated with 20 000 training points, batch 100 (the Fig 1A/3A/4B analogue; the
     4000-point set saturates: KFAC drove it to ~1e-5 within 2000 updates)."""
-    return Setup(data=h.pick("mnist1d-20k", "mnist1d-20k", "mnist1d"), n_train=None, hidden=WIDTH, batch_size=BATCH,
+    return Setup(data=h.pick("mnist1d-20k", "mnist1d-20k", "mnist1d"), n_train=None, hidden=WIDTH,
+                 batch_size=BATCH,
                  steps=h.pick(400, 200, 20), eval_every=h.pick(50, 50, 10),
                  budgets=h.pick((100, 200), (50, 100), (10,)), init_batches=h.pick(INIT_BATCHES, 10, 2))
 
