@@ -124,11 +124,15 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any] | None, figure_pr
         lines.append(f"| {i} | **{_cell(r['title'])}**: {_cell(r['claim'])} | {_cell(r['paper'])} | "
                      f"{_cell(r['ours'])} | **{r['verdict']}**{' (' + _cell(cav) + ')' if cav else ''} "
                      f"| {fig} |")
-    orders = sorted({r.get("environment", {}).get("kfac_foof_update_order", "?") for r in results})
-    lines += ["", PROTOCOL.replace("{order}", " / ".join(orders)), "", DEVIATIONS, ""]
+    by_order: dict[str, list[str]] = {}
+    for r in results + extra:
+        by_order.setdefault(r.get("environment", {}).get("kfac_foof_update_order", "?"), []).append(r["name"])
+    order = (next(iter(by_order)) if len(by_order) == 1 else
+             "; ".join(f"{k} ({', '.join(v)})" for k, v in by_order.items()))
+    lines += ["", PROTOCOL.replace("{order}", order), "", DEVIATIONS, ""]
     for r in extra:
         lines += ["## Where our implementation and the paper's public code differ", "",
-                  *[f"* {part}" for part in str(r["ours"]).split("; ") if part], ""]
+                  *[f"* {part}" for part in r.get("details", {}).get("lines", [r["ours"]])], ""]
         lines += _section(r, figure_prefix, header=False)
     for r in results:
         lines += _section(r, figure_prefix)
