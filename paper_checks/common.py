@@ -11,6 +11,7 @@ from __future__ import annotations
 from paper_checks.grids import Grid
 from paper_checks.harness import BATCH, Harness
 from paper_checks.runs import Method, Setup
+from paper_checks.variants import STANDARD
 
 #: Hidden widths of the minibatch MLPs (the paper: 1000 ×3 on 784 inputs; 64 keeps the full run
 #: with 3 seeds per candidate and automatic widening within the time budget of 2 shared cores).
@@ -42,9 +43,9 @@ ADAM = Method.make("Adam", "adam")
 KFAC = Method.make("KFAC (EMA 0.95)", "kfac", ema_decay=0.95, inv_period=1)
 KFAC_SUB = Method.make("KFAC subsampled (EMA 0)", "kfac", ema_decay=0.0, inv_period=1)
 KFAC_STD = Method.make("KFAC standard damping (correct)", "kfac", ema_decay=0.95, inv_period=1,
-                       damping_mode="standard")
+                       damping_mode=STANDARD)
 KFAC_STD_PUB = Method.make("KFAC standard damping (public code)", "kfac", ema_decay=0.95, inv_period=1,
-                           damping_mode="standard", standard_impl="public")
+                           damping_mode=STANDARD, standard_impl="public")
 FOOF1 = Method.make("FOOF T=1", "foof", ema_decay=0.95, inv_period=1)
 NAT = Method.make("Nat. grad. MC (N_F=100)", "natural", kind="mc", structure="full",
                   fisher_batch="independent", fisher_size=100)

@@ -2,7 +2,7 @@
 
 KFAC with standard damping ``(B̂ ⊗ Â + λI)⁻¹`` through eigendecompositions runs in **two
 implementations**, each with its own search over independent ``η`` and ``λ`` (widened at edges):
-the correct formula (curvkit's ``damping_mode="standard"``) and the paper's public code's
+the correct formula (curvkit's standard damping, ``damping_mode="exact"``) and the paper's public code's
 transposed B-side eigenbasis (:class:`paper_checks.variants.PublicCodeStandardKFAC`, an explicit
 reproduction of that bug). Both are compared with heuristic-damping KFAC and SGD+momentum (Fig 1A);
 the report says which implementation the paper's "standard ≈ SGD" needs.

@@ -25,6 +25,13 @@ from torch import Tensor
 
 from curvkit.optim import KFAC
 
+try:  # curvkit names standard damping "exact" (older: "standard")
+    from curvkit.optim.kfac import DAMPING_MODES as _MODES
+except ImportError:  # pragma: no cover - depends on the curvkit version
+    _MODES = ("heuristic", "standard")
+#: curvkit's name of standard damping, ``(B̂ ⊗ Â + λI)⁻¹`` (paper eq 3).
+STANDARD = "exact" if "exact" in _MODES else "standard"
+
 
 def _kfac_params() -> set[str]:
     return set(inspect.signature(KFAC.__init__).parameters)
@@ -66,14 +73,14 @@ class PublicCodeStandardKFAC(KFAC):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("damping_mode") != "standard":
+        if kwargs.get("damping_mode") not in (STANDARD, "standard"):
             raise ValueError("PublicCodeStandardKFAC reproduces the public code's standard damping; "
-                             "pass damping_mode='standard'")
+                             f"pass damping_mode={STANDARD!r}")
         super().__init__(*args, **kwargs)
 
     def _precondition(self, i: int, pieces: dict[str, Any], M: Tensor, damping: float) -> Tensor:
-        UA, UB = pieces["U_A"], pieces["U_B"]
-        denom = pieces["s_B"][:, None] * pieces["s_A"][None, :] + damping
+        UA, UB = pieces["U_A"].to(M), pieces["U_B"].to(M)
+        denom = pieces["s_B"].to(M)[:, None] * pieces["s_A"].to(M)[None, :] + damping
         return UB.T @ ((UB @ M @ UA) / denom) @ UA.T
 
 

@@ -146,26 +146,28 @@ def _eig_pieces(seed: int = 0, d_out: int = 4, d_in: int = 3):
     sA, UA = torch.linalg.eigh(A)
     sB, UB = torch.linalg.eigh(B)
     M = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
-    return A, B, M, {"s_A": sA, "U_A": UA, "s_B": sB, "U_B": UB}
+    pieces = {"heuristic": False, "damping": 0.1, "lambda_A": 1.0, "lambda_B": 1.0, "A_inv": None,
+              "B_inv": None, "s_A": sA, "U_A": UA, "s_B": sB, "U_B": UB}  # KFAC's exact-mode state
+    return A, B, M, pieces
 
 
 def test_public_code_standard_damping_is_the_transposed_b_eigenbasis():
     from curvkit.optim import KFAC
-    from paper_checks.variants import PublicCodeStandardKFAC
+    from paper_checks.variants import STANDARD, PublicCodeStandardKFAC
 
     A, B, M, pieces = _eig_pieces()
     lam = 0.1
     dense = torch.linalg.solve(torch.kron(B, A) + lam * torch.eye(12, dtype=torch.float64), M.reshape(-1))
     net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False)).double()
-    ok = KFAC(net, lr=0.1, damping=lam, damping_mode="standard")
-    pub = PublicCodeStandardKFAC(net, lr=0.1, damping=lam, damping_mode="standard")
+    ok = KFAC(net, lr=0.1, damping=lam, damping_mode=STANDARD)
+    pub = PublicCodeStandardKFAC(net, lr=0.1, damping=lam, damping_mode=STANDARD)
     correct, public = ok._precondition(0, pieces, M, lam), pub._precondition(0, pieces, M, lam)
     assert torch.allclose(correct.reshape(-1), dense, atol=1e-12)
     swapped = dict(pieces, U_B=pieces["U_B"].T)
     assert torch.allclose(public, ok._precondition(0, swapped, M, lam), atol=1e-12)
     rel = float(torch.linalg.norm(public.reshape(-1) - dense) / torch.linalg.norm(dense))
     assert rel > 0.1  # a real difference, not a rounding one
-    with pytest.raises(ValueError, match="damping_mode='standard'"):
+    with pytest.raises(ValueError, match=f"damping_mode='{STANDARD}'"):
         PublicCodeStandardKFAC(torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False)), lr=0.1, damping=0.1)
 
 
