@@ -108,6 +108,8 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any] | None, figure_pr
             f"and ran {len(meta.get('checks', []))} check(s).",
             "",
         ]
+        if meta.get("notes"):
+            lines += [f"*Run notes.* {meta['notes']}", ""]
     levels = sorted({r.get("level", "") for r in results})
     check_total = sum(r.get("seconds", 0.0) for r in results)
     lines += [f"Sum of the per-check wall times below: {check_total / 60:.1f} min "
