@@ -83,7 +83,8 @@ def caveats(methods: Sequence[MethodResult]) -> list[str]:
     out = []
     for m in methods:
         if m.edges:
-            why = "cap reached" if m.search.get("capped_edges") else "axis fixed by design"
+            why = ("cap reached" if m.search.get("capped_edges") else
+                   "no finite candidate to widen from" if m.diverged else "axis fixed by design")
             out.append(f"{m.label}: optimum on the grid edge ({', '.join(m.edges)}; {why})")
         bad = sum(not math.isfinite(v) for v in m.finals)
         if bad:
