@@ -67,14 +67,14 @@ def guard_tolerance(dtype: torch.dtype, device: torch.device | str = "cpu") -> t
     return math.sqrt(eps), 64 * eps
 
 
-def layer_params(layers: Sequence[LayerAdapter]) -> list[nn.Parameter]:
+def layer_params(layers: Sequence[LayerAdapter]) -> list[Tensor]:
     """The selected parameters of ``layers`` (weight, then bias), each once."""
-    out: dict[int, nn.Parameter] = {}
+    out: dict[int, Tensor] = {}
     for layer in layers:
-        if layer.weight:
-            out.setdefault(id(layer.module.weight), layer.module.weight)
-        if layer.bias:
-            out.setdefault(id(layer.module.bias), layer.module.bias)
+        for used, name in ((layer.weight, "weight"), (layer.bias, "bias")):
+            p = getattr(layer.module, name)
+            if used and isinstance(p, Tensor):
+                out.setdefault(id(p), p)
     return list(out.values())
 
 
@@ -138,6 +138,7 @@ def verify_capture(
                     dtype=outputs.dtype).expand(N, R)
     params = layer_params(layers)
     v = torch.einsum("nr,nrc->nc", w, seeds.to(outputs.dtype))
+    grads_list: Sequence[Tensor | None]
     if backward is None:
         grads_list = torch.autograd.grad(outputs, params, grad_outputs=v,
                                          retain_graph=retain_graph, allow_unused=True)
