@@ -102,7 +102,7 @@ def _scalar_loss(fn: Callable[[], Tensor], what: str) -> Tensor:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{what}() must return a scalar tensor, got {got}")
     if not torch.isfinite(out):
-        raise FloatingPointError(f"{what}() returned a non-finite value ({float(out)})")
+        raise FloatingPointError(f"{what}() returned a non-finite value ({float(out.detach())})")
     return out.reshape(())
 
 
