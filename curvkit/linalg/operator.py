@@ -15,6 +15,7 @@ derived here, with the input checks (shape, dtype, device, finiteness, damping s
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -335,20 +336,29 @@ class _Product(LinearOperator):
 
 
 def available_memory_bytes(device: torch.device | str = "cpu") -> int:
-    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable`` or total RAM)."""
+    """Free memory on ``device`` in bytes.
+
+    CUDA: ``torch.cuda.mem_get_info``. CPU: ``psutil.virtual_memory().available`` when psutil is
+    installed (it is in every extra), else the free physical pages from
+    ``os.sysconf`` (which leave out reclaimable caches, so memory checks err on the safe side).
+
+    Raises:
+        RuntimeError: If neither psutil nor ``os.sysconf`` can tell (``pip install psutil``).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (AttributeError, ValueError, OSError) as err:
+        raise RuntimeError("cannot determine the available memory on this system; "
+                           "pip install psutil") from err
 
 
 def _gb(nbytes: float) -> str:
