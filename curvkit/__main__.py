@@ -4,7 +4,7 @@
 small ReLU MLP for a few epochs with Adam, then compares the curvature structures with the exact
 damped Fisher on a batch of training images (:func:`curvkit.validate.compare`) and prints the
 table (``--json PATH`` also writes :meth:`ValidationReport.to_dict`). Progress bars (tqdm, on
-stderr) show the training epochs and the structures compared; ``--no-progress`` turns them off.
+stderr) show the training epochs; ``--no-progress`` turns them off.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def digits_demo(
         seed: Seed of the data split, initialisation, training order and MC sampling.
         dtype: Floating dtype of the model and data.
         mc_samples: MC samples per input for ``kind="mc"``.
-        progress: Show tqdm progress bars (training epochs, structures) on stderr.
+        progress: Show a tqdm progress bar over the training epochs on stderr.
 
     Returns:
         ``(report, info)`` with ``info`` holding the model and training summary.
@@ -112,8 +112,7 @@ def digits_demo(
     idx = torch.randperm(ds.n_train, generator=g)[:num_data]
     report = compare(model, ds.x_train[idx], ds.y_train[idx], likelihood="classification", kind=kind,
                      structures=tuple(structures), damping=damping, reference=reference,
-                     generator=torch.Generator().manual_seed(seed), mc_samples=mc_samples,
-                     progress=progress)
+                     generator=torch.Generator().manual_seed(seed), mc_samples=mc_samples)
     info = {"data": "digits", "architecture": "-".join(map(str, widths)), "activation": "ReLU",
             "epochs": epochs, "test_accuracy": acc, "seed": seed}
     return report, info
