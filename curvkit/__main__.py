@@ -119,6 +119,15 @@ def digits_demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line (the ``curvkit`` console script).
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit status: 0 on success, 2 for bad arguments (also raised by argparse as
+        ``SystemExit(2)``) or a demo that cannot run (the error is printed to stderr).
+    """
     parser = argparse.ArgumentParser(prog="curvkit", description="curvkit command line")
     parser.add_argument("--version", action="version",
                         version=f"curvkit {__version__} (torch {torch.__version__})")

@@ -22,7 +22,7 @@ def format_table(
     style: Literal["plain", "markdown"] = "plain",
     missing: str = "–",
 ) -> str:
-    """Format ``rows`` under ``headers`` as aligned text.
+    r"""Format ``rows`` under ``headers`` as aligned text.
 
     Numbers are formatted with the column's format spec (``format(value, spec)``, e.g. ``".3f"``,
     ``".2e"``; ``None`` or ``""`` means ``str(value)``) and right-aligned; a column holding any
