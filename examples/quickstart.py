@@ -12,8 +12,8 @@ Trains a 64-32-10 MLP on scikit-learn's digits for a few epochs, then for each F
 * ``‖F̃ − F‖ / ‖F‖``, how far the structure is from the explicit Fisher ``F`` of the same kind
   (not shown for ``foof``, whose ``I ⊗ Â`` has another scale).
 
-Run: ``python examples/quickstart.py`` (about 30 s on a quiet 2-core machine; ``--no-progress``
-hides the progress bars).
+Run: ``python examples/quickstart.py`` (about 22 s of CPU time, measured with ``time``: user +
+sys; the wall time is longer on a loaded machine; ``--no-progress`` hides the progress bars).
 """
 
 from __future__ import annotations
