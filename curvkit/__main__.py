@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from curvkit import __version__
 from curvkit.capture import KINDS
+from curvkit.typing import Kind, Structure
 from curvkit.validate import DEFAULT_STRUCTURES, REFERENCES, ValidationReport, compare
 
 
@@ -51,10 +52,10 @@ def digits_demo(
     hidden: Sequence[int] = (32, 32),
     num_data: int = 256,
     epochs: int = 5,
-    kind: str = "exact",
+    kind: Kind = "exact",
     damping: float = 1e-3,
     reference: str = "explicit",
-    structures: Sequence[str] = DEFAULT_STRUCTURES,
+    structures: Sequence[Structure] = DEFAULT_STRUCTURES,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     mc_samples: int = 1,

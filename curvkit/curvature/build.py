@@ -31,6 +31,7 @@ from curvkit.capture.inputs import LABEL_KEY, OutputFn
 from curvkit.capture.targets import check_choice
 from curvkit.curvature.base import Curvature
 from curvkit.linalg import LinearOperator
+from curvkit.typing import Kind, Likelihood, Structure
 
 Builder = Callable[..., LinearOperator]
 _STRUCTURES: dict[str, Builder] = {}
@@ -147,9 +148,9 @@ def fisher(
     batch: Any,
     targets: Tensor | None = None,
     *,
-    likelihood: str = "classification",
-    kind: str = "exact",
-    structure: str = "full",
+    likelihood: Likelihood = "classification",
+    kind: Kind = "exact",
+    structure: Structure = "full",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     params: Sequence[nn.Parameter] | None = None,

@@ -62,6 +62,7 @@ from curvkit.laplace.predictive import (
 from curvkit.laplace.prior import PriorPrecision
 from curvkit.linalg import OuterProductFactor
 from curvkit.linalg.factor_ops import GemmOuterFactor, reduce_softmax_errors
+from curvkit.typing import Kind, Likelihood, Structure
 
 LOWRANK_STRUCTURES = ("full", "block_diag")
 
@@ -127,9 +128,9 @@ class LaplacePosterior:
         model: nn.Module,
         inputs: Tensor,
         targets: Tensor | None = None,
-        likelihood: str = "classification",
-        kind: str = "exact",
-        structure: str = "full",
+        likelihood: Likelihood = "classification",
+        kind: Kind = "exact",
+        structure: Structure = "full",
         prior_precision=1.0,
         num_data: int | None = None,
         *,

@@ -23,6 +23,8 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
+from curvkit.typing import DampingMode
+
 Vector = Tensor | list[Tensor] | tuple[Tensor, ...]
 
 
@@ -168,7 +170,7 @@ class LinearOperator:
     def _rank_bound(self) -> int:
         return self.shape[0]
 
-    def solve(self, v: Vector, damping: float = 0.0, damping_mode: str = "exact") -> Vector:
+    def solve(self, v: Vector, damping: float = 0.0, damping_mode: DampingMode = "exact") -> Vector:
         """``(A + damping·I)⁻¹ v`` for ``v`` in any vector format; same format back.
 
         Args:
@@ -185,7 +187,7 @@ class LinearOperator:
         X, fmt = self._to_matrix(v)
         return self._from_matrix(self._solve(X, damping, damping_mode), fmt)
 
-    def inverse(self, damping: float = 0.0, damping_mode: str = "exact") -> LinearOperator:
+    def inverse(self, damping: float = 0.0, damping_mode: DampingMode = "exact") -> LinearOperator:
         """The operator ``(A + damping·I)⁻¹`` (applied through :meth:`solve`)."""
         if damping_mode not in self.damping_modes:
             raise ValueError(
@@ -194,7 +196,7 @@ class LinearOperator:
             )
         return InverseOperator(self, self._check_damping(damping), damping_mode)
 
-    def factorize(self, damping: float = 0.0, damping_mode: str = "exact") -> LinearOperator:
+    def factorize(self, damping: float = 0.0, damping_mode: DampingMode = "exact") -> LinearOperator:
         """Precompute what ``solve(·, damping, damping_mode)`` needs (else done at the first solve).
 
         Returns ``self``, so ``F.factorize(λ).solve(v, λ)`` chains.

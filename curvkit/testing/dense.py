@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from curvkit.typing import Kind, Likelihood
+
 LIKELIHOODS = ("classification", "regression", "binary")
 KINDS = ("exact", "empirical", "mc")
 
@@ -203,8 +205,8 @@ def dense_fisher(
     inputs: Tensor,
     targets: Tensor | None = None,
     *,
-    likelihood: str = "classification",
-    kind: str = "exact",
+    likelihood: Likelihood = "classification",
+    kind: Kind = "exact",
     params: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """The explicit ``(P, P)`` Fisher, in float64, normalised by the number of inputs ``N``.
