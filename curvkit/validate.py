@@ -96,6 +96,7 @@ class Row:
 
     @property
     def label(self) -> str:
+        """The structure name, with ``[heuristic]`` appended for KFAC's heuristic damping."""
         return self.structure if self.damping_mode == "exact" else f"{self.structure}[{self.damping_mode}]"
 
 
@@ -133,6 +134,7 @@ class ValidationReport:
                 "pairs": dict(self.pairs), "baseline": dict(self.baseline)}
 
     def to_json(self, **kwargs) -> str:
+        """The report as JSON text; ``kwargs`` go to ``json.dumps``."""
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:

@@ -35,6 +35,7 @@ KINDS = ("exact", "mc", "empirical")
 
 
 def check_choice(value: str, valid: tuple[str, ...], what: str) -> None:
+    """Raise ``ValueError`` naming ``what``, the bad ``value`` and the ``valid`` choices."""
     if value not in valid:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(repr, valid))}")
 
