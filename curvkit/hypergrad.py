@@ -369,6 +369,7 @@ def implicit_grad(
 
         # mixed term ∂_φ (∇_θ L_T · stopgrad(v)): one double-backward
         s = sum((g * vi).sum() for g, vi in zip(g_T, v_list))
+        mixed: list[Tensor | None]
         if isinstance(s, Tensor) and s.requires_grad:
             mixed = list(torch.autograd.grad(s, hparams, allow_unused=True))
         else:
