@@ -11,13 +11,19 @@
 from __future__ import annotations
 
 from curvkit.curvature.build import BuildContext, register_structure
-from curvkit.linalg import BlockDiagonal, OuterProductFactor, StackedFactor, Woodbury
+from curvkit.linalg import BlockDiagonal, LowRankFactor, OuterProductFactor, StackedFactor, Woodbury
 
 
-def layer_factors(ctx: BuildContext, gram_route: str = "auto") -> list[OuterProductFactor]:
-    """One :class:`OuterProductFactor` per layer from the captured inputs and errors."""
+def layer_factors(ctx: BuildContext, gram_route: str = "auto") -> list[LowRankFactor]:
+    """One factor per layer from the captured inputs and errors (given by the layer's rule)."""
     cap = ctx.captured
-    return [OuterProductFactor(a, e, gram_route=gram_route) for a, e in zip(cap.a, cap.e)]
+    out = []
+    for layer, a, e in zip(ctx.layers, cap.a, cap.e):
+        f = layer.factor(a, e)
+        if isinstance(f, OuterProductFactor) and gram_route != "auto":
+            f = OuterProductFactor(a, e, gram_route=gram_route)
+        out.append(f)
+    return out
 
 
 def _check_options(structure: str, options: dict, allowed: tuple[str, ...]) -> None:

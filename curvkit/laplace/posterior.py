@@ -61,7 +61,7 @@ from curvkit.laplace.predictive import (
 )
 from curvkit.laplace.prior import PriorPrecision
 from curvkit.linalg import OuterProductFactor
-from curvkit.linalg.factor_ops import GemmOuterFactor, reduce_softmax_errors
+from curvkit.linalg.factor_ops import reduce_softmax_errors
 from curvkit.typing import Kind, Likelihood, Structure
 
 LOWRANK_STRUCTURES = ("full", "block_diag")
@@ -222,10 +222,10 @@ class LaplacePosterior:
             p = torch.softmax(cap.outputs.to(torch.float64), dim=1) if reduce else None
             scale = math.sqrt(self.num_data)
             J = []
-            for a, e in zip(cap.a, cap.e):
+            for layer, a, e in zip(self.layers, cap.a, cap.e):
                 if reduce:
                     e = reduce_softmax_errors(e.to(torch.float64), p).to(e.dtype)
-                J.append(GemmOuterFactor(a, e * scale))
+                J.append(layer.factor(a, e * scale))
             self._J = J
         return self._J
 

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from curvkit.capture import LayerAdapter, as_logits, forward, layer_errors, record
+from curvkit.capture import LayerAdapter, as_logits
+from curvkit.capture.batch import capture_columns
 from curvkit.linalg import OuterProductFactor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,16 +51,14 @@ def output_jacobian_factors(model: torch.nn.Module, x, layers: list[LayerAdapter
     Returns:
         ``(outputs (N, C) detached, [OuterProductFactor per layer])``.
     """
-    with torch.enable_grad(), record(layers, keep_outputs=True) as rec:
-        out = forward(model, x, output_fn)
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            raise ValueError(f"the model output must be a 2-D tensor (N, C), got "
-                             f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
-        rec.check_complete(layers)
+    def unit_seeds(out: Tensor) -> Tensor:
+        if out.dim() != 2:
+            raise ValueError(f"the model output must be a 2-D tensor (N, C), got {tuple(out.shape)}")
         N, C = out.shape
-        seeds = torch.eye(C, dtype=out.dtype, device=out.device).expand(N, C, C)
-        errors = layer_errors(out, rec, layers, seeds)
-    return out.detach(), [OuterProductFactor(a, e) for a, e in zip(rec.inputs, errors)]
+        return torch.eye(C, dtype=out.dtype, device=out.device).expand(N, C, C)
+
+    out, a, e, _ = capture_columns(model, x, layers, unit_seeds, output_fn=output_fn)
+    return out, [layer.factor(ai, ei) for layer, ai, ei in zip(layers, a, e)]
 
 
 def probit(f_mean: Tensor, f_var: Tensor, likelihood: str) -> Tensor:
