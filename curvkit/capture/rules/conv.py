@@ -105,19 +105,18 @@ class ConvAdapter(LayerAdapter):
         base = super().describe()
         return base if self.module.groups == 1 else f"{base} group {self.group}"
 
-    def _fast(self) -> bool:
-        m = self.module
+    def _fast(self, m: nn.Module) -> bool:
         return (self.nd == 2 and m.groups == 1 and m.padding_mode == "zeros"
                 and not isinstance(m.padding, str))
 
     def inputs(self, x: Tensor, module: nn.Module | None = None,
                batch_size: int | None = None) -> Tensor:
-        m = self.module
+        m = self.module if module is None else module  # a tied module has its own geometry
         x = x.detach()
         if x.dim() == self.nd + 1:  # unbatched input
             x = x.unsqueeze(0)
         x = self.batch_first(x, batch_size, "input")
-        if self._fast():
+        if self._fast(m):
             a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding,
                          stride=m.stride).transpose(1, 2)
             return self.with_bias_column(a)
