@@ -1,9 +1,10 @@
-"""Command line: ``python -m curvkit validate [options]``.
+"""Command line: ``curvkit validate [options]`` (or ``python -m curvkit validate``).
 
 ``validate`` runs a built-in demo on scikit-learn's digits (8×8 images, 10 classes): it trains a
 small ReLU MLP for a few epochs with Adam, then compares the curvature structures with the exact
 damped Fisher on a batch of training images (:func:`curvkit.validate.compare`) and prints the
-table (``--json PATH`` also writes :meth:`ValidationReport.to_dict`).
+table (``--json PATH`` also writes :meth:`ValidationReport.to_dict`). Progress bars (tqdm, on
+stderr) show the training epochs; ``--no-progress`` turns them off.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from curvkit import __version__
 from curvkit.capture import KINDS
+from curvkit.typing import Kind, Structure
 from curvkit.validate import DEFAULT_STRUCTURES, REFERENCES, ValidationReport, compare
 
 
@@ -48,18 +52,37 @@ def digits_demo(
     hidden: Sequence[int] = (32, 32),
     num_data: int = 256,
     epochs: int = 5,
-    kind: str = "exact",
+    kind: Kind = "exact",
     damping: float = 1e-3,
     reference: str = "explicit",
-    structures: Sequence[str] = DEFAULT_STRUCTURES,
+    structures: Sequence[Structure] = DEFAULT_STRUCTURES,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     mc_samples: int = 1,
+    progress: bool = True,
 ) -> tuple[ValidationReport, dict]:
     """Train a ReLU MLP ``64-hidden-10`` on digits, then :func:`compare` on ``num_data`` images.
 
+    Args:
+        hidden: Hidden layer widths.
+        num_data: Number of training images the structures are compared on (the batch ``N``).
+        epochs: Epochs of Adam (lr 1e-3, batch 64) before comparing.
+        kind: Fisher kind of the reference and of every structure.
+        damping: Damping ``λ > 0``.
+        reference: ``"explicit"`` (dense ``P × P``) or ``"woodbury"``.
+        structures: Structures to compare.
+        seed: Seed of the data split, initialisation, training order and MC sampling.
+        dtype: Floating dtype of the model and data.
+        mc_samples: MC samples per input for ``kind="mc"``.
+        progress: Show a tqdm progress bar over the training epochs on stderr.
+
     Returns:
         ``(report, info)`` with ``info`` holding the model and training summary.
+
+    Raises:
+        ValueError: If ``num_data`` is not in ``[1, number of training images]``, or
+            :func:`compare` rejects an argument.
+        MemoryError: If ``reference="explicit"`` would not fit in memory.
     """
     from curvkit.datasets import load_digits
 
@@ -77,7 +100,7 @@ def digits_demo(
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="train (Adam)", unit="epoch", disable=not progress):
         perm = torch.randperm(ds.n_train, generator=g)
         for i in range(0, ds.n_train, 64):
             idx = perm[i : i + 64]
@@ -97,7 +120,18 @@ def digits_demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m curvkit", description="curvkit command line")
+    """Run the command line (the ``curvkit`` console script).
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit status: 0 on success, 2 for bad arguments (also raised by argparse as
+        ``SystemExit(2)``) or a demo that cannot run (the error is printed to stderr).
+    """
+    parser = argparse.ArgumentParser(prog="curvkit", description="curvkit command line")
+    parser.add_argument("--version", action="version",
+                        version=f"curvkit {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser(
         "validate",
@@ -118,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument("--seed", type=int, default=0, help="seed of data split, init, training, MC")
     v.add_argument("--float32", action="store_true", help="run in float32 (default float64)")
     v.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
 
     if args.epochs < 0:
@@ -127,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hidden=args.hidden, num_data=args.num_data, epochs=args.epochs, kind=args.kind,
             damping=args.damping, reference=args.reference, structures=args.structures,
             seed=args.seed, dtype=torch.float32 if args.float32 else torch.float64,
-            mc_samples=args.mc_samples,
+            mc_samples=args.mc_samples, progress=not args.no_progress,
         )
     except (ValueError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)

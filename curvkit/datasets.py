@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import TensorDataset
 
 __all__ = [
     "Dataset",
@@ -54,8 +56,13 @@ _IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
+class Dataset(TorchDataset[tuple[Tensor, Tensor]]):
     """A classification data set with a fixed train/test split.
+
+    As a map-style ``torch.utils.data.Dataset`` it is the *training* split: ``len(ds)`` is
+    ``n_train`` and ``ds[i]`` is ``(x_train[i], y_train[i])``, so
+    ``DataLoader(load_digits(), batch_size=64, shuffle=True)`` iterates over training batches;
+    :attr:`train_set` and :attr:`test_set` give both splits as ``TensorDataset`` objects.
 
     Attributes:
         x_train: Training inputs, shape ``(N_train, *input_shape)``, floating point
@@ -100,6 +107,24 @@ class Dataset:
     def n_test(self) -> int:
         """Number of test points."""
         return int(self.x_test.shape[0])
+
+    def __len__(self) -> int:
+        """Number of training points (the map-style dataset is the training split)."""
+        return self.n_train
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        """The training pair ``(x_train[index], y_train[index])``."""
+        return self.x_train[index], self.y_train[index]
+
+    @property
+    def train_set(self) -> TensorDataset:
+        """The training split as a ``TensorDataset`` of ``(x_train, y_train)``."""
+        return TensorDataset(self.x_train, self.y_train)
+
+    @property
+    def test_set(self) -> TensorDataset:
+        """The test split as a ``TensorDataset`` of ``(x_test, y_test)``."""
+        return TensorDataset(self.x_test, self.y_test)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

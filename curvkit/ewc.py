@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from curvkit.curvature import fisher, structures
 from curvkit.curvature.streaming import KINDS, LIKELIHOODS
 from curvkit.linalg import LinearOperator, LowRankFactor, OuterProductFactor
+from curvkit.typing import Kind, Likelihood, Structure
 
 __all__ = ["EWC"]
 
@@ -166,9 +167,9 @@ class EWC:
         model: nn.Module,
         strength: float = 100.0,
         *,
-        kind: str = "exact",
-        structure: str = "full",
-        likelihood: str = "classification",
+        kind: Kind = "exact",
+        structure: Structure = "full",
+        likelihood: Likelihood = "classification",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
         decay: float | None = None,
@@ -285,7 +286,7 @@ class EWC:
         inputs,
         targets: Tensor | None = None,
         *,
-        likelihood: str | None = None,
+        likelihood: Likelihood | None = None,
         progress: bool | None = None,
     ) -> None:
         """Store ``θ*`` and the Fisher of ``(inputs, targets)`` at the current parameters.

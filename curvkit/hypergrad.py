@@ -102,7 +102,7 @@ def _scalar_loss(fn: Callable[[], Tensor], what: str) -> Tensor:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{what}() must return a scalar tensor, got {got}")
     if not torch.isfinite(out):
-        raise FloatingPointError(f"{what}() returned a non-finite value ({float(out)})")
+        raise FloatingPointError(f"{what}() returned a non-finite value ({float(out.detach())})")
     return out.reshape(())
 
 
@@ -369,6 +369,7 @@ def implicit_grad(
 
         # mixed term ∂_φ (∇_θ L_T · stopgrad(v)): one double-backward
         s = sum((g * vi).sum() for g, vi in zip(g_T, v_list))
+        mixed: list[Tensor | None]
         if isinstance(s, Tensor) and s.requires_grad:
             mixed = list(torch.autograd.grad(s, hparams, allow_unused=True))
         else:

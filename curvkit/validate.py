@@ -56,13 +56,14 @@ from curvkit.curvature.streaming import (
     loss_gradient,
 )
 from curvkit.linalg import available_memory_bytes, damped_cholesky
+from curvkit.typing import DampingMode, Kind, Likelihood, Structure
 
 __all__ = ["compare", "ValidationReport", "Row", "REFERENCES"]
 
 #: Reference solvers accepted by :func:`compare`.
 REFERENCES = ("explicit", "woodbury")
 
-DEFAULT_STRUCTURES = ("kfac", "foof", "block_diag", "diag")
+DEFAULT_STRUCTURES: tuple[Structure, ...] = ("kfac", "foof", "block_diag", "diag")
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Row:
 
     @property
     def label(self) -> str:
+        """The structure name, with ``[heuristic]`` appended for KFAC's heuristic damping."""
         return self.structure if self.damping_mode == "exact" else f"{self.structure}[{self.damping_mode}]"
 
 
@@ -132,6 +134,7 @@ class ValidationReport:
                 "pairs": dict(self.pairs), "baseline": dict(self.baseline)}
 
     def to_json(self, **kwargs) -> str:
+        """The report as JSON text; ``kwargs`` go to ``json.dumps``."""
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
@@ -255,9 +258,9 @@ def compare(
     model: nn.Module,
     inputs: Tensor,
     targets: Tensor | None = None,
-    likelihood: str = "classification",
-    kind: str = "exact",
-    structures: Sequence[str] | str = DEFAULT_STRUCTURES,
+    likelihood: Likelihood = "classification",
+    kind: Kind = "exact",
+    structures: Sequence[Structure] | Structure = DEFAULT_STRUCTURES,
     damping: float = 1e-3,
     reference: str = "explicit",
     generator: torch.Generator | None = None,
@@ -320,7 +323,7 @@ def compare(
         g.set_state(state.clone())
         return g
 
-    def build(structure: str, gen: torch.Generator | None) -> Curvature:
+    def build(structure: Structure, gen: torch.Generator | None) -> Curvature:
         return fisher(model, inputs, targets, likelihood=likelihood, kind=kind, structure=structure,
                       mc_samples=mc_samples, generator=gen, params=params, progress=progress,
                       distributed_columns="gather")
@@ -352,7 +355,7 @@ def compare(
         t0 = time.perf_counter()
         Fs = build(structure, fresh_generator())
         build_s = time.perf_counter() - t0
-        modes = ("exact", "heuristic") if structure == "kfac" else ("exact",)
+        modes: tuple[DampingMode, ...] = ("exact", "heuristic") if structure == "kfac" else ("exact",)
         for mode in modes:
             t0 = time.perf_counter()
             x = Fs.solve(grad, damping, damping_mode=mode)

@@ -31,10 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 import curvkit
 from curvkit.datasets import load_digits
 from curvkit.ewc import EWC
+from curvkit.table import format_table
 
 METHODS = ("sgd", "diag", "kfac", "full")
 
@@ -73,7 +75,8 @@ def run(method: str, strength: float, tasks, args) -> dict:
         ewc = EWC(model, strength, kind="exact", structure=method)
     g = torch.Generator().manual_seed(args.seed + 1)
     test_acc, val_acc = [], []  # [stage][task]
-    for x, y, _, _, _, _ in tasks:
+    for x, y, _, _, _, _ in tqdm(tasks, desc=f"{method} κ={strength:g}", unit="task", leave=False,
+                                 disable=not args.progress):
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         for _ in range(args.epochs):
             for idx in torch.randperm(len(y), generator=g).split(args.batch):
@@ -105,7 +108,7 @@ def run_or_none(method: str, strength: float, tasks, args) -> dict | None:
     try:
         return run(method, strength, tasks, args)
     except FloatingPointError as err:
-        print(f"  {method} κ={strength:g} diverged ({err}); dropped from the sweep")
+        tqdm.write(f"  {method} κ={strength:g} diverged ({err}); dropped from the sweep")
         return None
 
 
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="reduced run for the smoke test")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.epochs, args.fisher_n, args.strengths = 3, 1, 50, [100.0]
@@ -155,34 +159,42 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = make_tasks(args.tasks, args.seed)
     P = sum(p.numel() for p in make_model(args.seed).parameters())
 
-    results, sweeps = {}, {}
+    methods = []
     for method in args.methods:
         if method != "sgd" and method not in curvkit.structures():
             print(f"skipping {method}: structure {method!r} is not registered in this curvkit")
-            continue
+        else:
+            methods.append(method)
+    jobs = [(m, s) for m in methods for s in ([0.0] if m == "sgd" else args.strengths)]
+    bar = tqdm(total=len(jobs), desc="runs (method × κ)", disable=not args.progress)
+    results, sweeps = {}, {}
+    for method in methods:
         t0 = time.perf_counter()
-        runs = [run(method, 0.0, tasks, args)] if method == "sgd" else [
-            run_or_none(method, s, tasks, args) for s in args.strengths]
+        runs = []
+        for m, s in jobs:
+            if m == method:
+                runs.append(run(m, s, tasks, args) if m == "sgd" else run_or_none(m, s, tasks, args))
+                bar.update()
         runs = [r for r in runs if r is not None]
         if not runs:
-            print(f"skipping {method}: every strength diverged")
+            tqdm.write(f"skipping {method}: every strength diverged")
             continue
         best = max(runs, key=lambda r: r["final_val"])
         best["seconds"] = time.perf_counter() - t0
         results[method] = best
         sweeps[method] = {str(r["strength"]): {"final_val": r["final_val"],
                                                "final_test": r["final_test"]} for r in runs}
+    bar.close()
 
     print(f"\nPermuted digits, {args.tasks} tasks, MLP 64-100-100-10 (P = {P}), {args.epochs} "
           f"epochs/task, Fisher on {args.fisher_n} images/task (kind='exact')")
-    print(f"{'method':<6} {'κ (val)':>8} {'avg test acc':>12} {'avg val acc':>11} "
-          f"{'stored KiB':>10} {'Fisher KiB':>10} {'anchors KiB':>11} {'time s':>7}")
-    for m, r in results.items():
-        mem = r["memory"]
-        kappa = "-" if r["strength"] is None else f"{r['strength']:g}"
-        print(f"{m:<6} {kappa:>8} {r['final_test']:>12.3f} {r['final_val']:>11.3f} "
-              f"{mem['total'] / 1024:>10.1f} {mem['curvature'] / 1024:>10.1f} "
-              f"{mem['anchors'] / 1024:>11.1f} {r['seconds']:>7.1f}")
+    print(format_table(
+        ["method", "κ (val)", "avg test acc", "avg val acc", "stored KiB", "Fisher KiB", "anchors KiB",
+         "time s"],
+        [[m, r["strength"], r["final_test"], r["final_val"], r["memory"]["total"] / 1024,
+          r["memory"]["curvature"] / 1024, r["memory"]["anchors"] / 1024, r["seconds"]]
+         for m, r in results.items()],
+        formats=[None, "g", ".3f", ".3f", ".1f", ".1f", ".1f", ".1f"]))
     print(f"(P floats = {4 * P / 1024:.1f} KiB; full stores N·Σ_l(d_in + 10·d_out) floats per task)")
     print("\ntest accuracy of each task after training on all of them:")
     for m, r in results.items():

@@ -45,11 +45,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 import curvkit
 from curvkit.datasets import load_digits
 from curvkit.hypergrad import implicit_grad
 from curvkit.linalg import SingularError
+from curvkit.table import format_table
 
 
 class Problem:
@@ -104,9 +106,9 @@ class Problem:
         return float(torch.cat([g.reshape(-1) for g in grads]).norm())
 
 
-def grid_search(prob: Problem, values: list[float], iters: int) -> list[dict]:
+def grid_search(prob: Problem, values: list[float], iters: int, progress: bool = True) -> list[dict]:
     rows = []
-    for wd in values:
+    for wd in tqdm(values, desc="grid search (weight decay)", disable=not progress):
         prob.reset()
         gnorm = prob.train(torch.tensor([wd, wd], dtype=torch.float64), iters)
         test_loss, test_acc = prob.test_metrics()
@@ -156,13 +158,14 @@ def hyper_descent(prob: Problem, args, surrogate: str, generator: torch.Generato
     prob.reset()
     trace, compare = [], []
     prob.train(rho.exp(), args.inner_iters_first)
-    for step in range(args.outer_steps + 1):
+    for step in tqdm(range(args.outer_steps + 1), desc=f"hypergradient descent, {surrogate}",
+                     unit="step", disable=not args.progress):
         gnorm = prob.train(rho.exp(), args.inner_iters)
         t0 = time.perf_counter()
         try:
             hg, info = hypergradient(prob, rho, surrogate, args.lam0, generator)
         except SingularError as err:  # e.g. an indefinite Hessian away from a minimum
-            print(f"  {surrogate}: stopping the descent at step {step}: {err}")
+            tqdm.write(f"  {surrogate}: stopping the descent at step {step}: {err}")
             break
         trace.append({"step": step, "wd": rho.detach().exp().tolist(),
                       "val_loss": float(prob.val_loss().detach()), "hypergrad": hg.tolist(),
@@ -176,7 +179,7 @@ def hyper_descent(prob: Problem, args, surrogate: str, generator: torch.Generato
                 try:
                     h, inf = hypergradient(prob, rho, name, args.lam0, generator)
                 except SingularError as err:
-                    print(f"  step-0 comparison: {name} failed: {err}")
+                    tqdm.write(f"  step-0 comparison: {name} failed: {err}")
                     continue
                 compare.append({"surrogate": name, "hypergrad": h.tolist(), "solver": inf["method"],
                                 "iterations": inf["iterations"],
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="reduced run for the smoke test")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     if args.quick:
         args.grid, args.outer_steps, args.curvatures = [1e-4, 1e-2], 3, ["fisher-exact (full, CG)"]
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     P = sum(p.numel() for p in prob.model.parameters())
 
     t0 = time.perf_counter()
-    grid = grid_search(prob, args.grid, args.train_iters)
+    grid = grid_search(prob, args.grid, args.train_iters, args.progress)
     t_grid = time.perf_counter() - t0
     best = min(grid, key=lambda r: r["val_loss"])
 
@@ -245,48 +249,45 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(prob.yt)} test images; inner solver: full-batch L-BFGS")
     print("\ngrid search over one global weight decay (from the same init, "
           f"{args.train_iters} L-BFGS iterations):")
-    print(f"{'wd':>9} {'val loss':>9} {'test loss':>9} {'test acc':>8}")
-    for r in grid:
-        mark = "  <- best val" if r is best else ""
-        print(f"{r['wd'][0]:>9.0e} {r['val_loss']:>9.4f} {r['test_loss']:>9.4f} {r['test_acc']:>8.3f}{mark}")
+    print(format_table(["wd", "val loss", "test loss", "test acc", ""],
+                       [[r["wd"][0], r["val_loss"], r["test_loss"], r["test_acc"],
+                         "<- best val" if r is best else ""] for r in grid],
+                       formats=[".0e", ".4f", ".4f", ".3f", None]))
     for surrogate, run in runs.items():
         print(f"\nhypergradient descent on per-layer log weight decay, surrogate {surrogate!r} "
               f"(Adam lr {args.outer_lr}, {args.inner_iters} warm L-BFGS iterations per step):")
-        print(f"{'step':>4} {'wd layer 1':>10} {'wd layer 2':>10} {'val loss':>9} {'dL_V/dρ':>22}")
-        for r in run["trace"]:
-            if r["step"] % max(1, args.outer_steps // 10) == 0 or r is run["chosen"]:
-                hgs = ", ".join(f"{h:+.2e}" for h in r["hypergrad"])
-                mark = "  <- best val" if r is run["chosen"] else ""
-                print(f"{r['step']:>4} {r['wd'][0]:>10.2e} {r['wd'][1]:>10.2e} {r['val_loss']:>9.4f} "
-                      f"{hgs:>22}{mark}")
+        shown = [r for r in run["trace"]
+                 if r["step"] % max(1, args.outer_steps // 10) == 0 or r is run["chosen"]]
+        print(format_table(["step", "wd layer 1", "wd layer 2", "val loss", "dL_V/dρ", ""],
+                           [[r["step"], r["wd"][0], r["wd"][1], r["val_loss"],
+                             ", ".join(f"{h:+.2e}" for h in r["hypergrad"]),
+                             "<- best val" if r is run["chosen"] else ""] for r in shown],
+                           formats=["d", ".2e", ".2e", ".4f", None, None]))
     if compare:
         ref = torch.tensor(compare[0]["hypergrad"])  # the Hessian row when it succeeded
         print(f"\nstep-0 hypergradient dL_V/dρ by surrogate (wd = {args.wd0:g}, λ₀ = {args.lam0:g}; "
               f"errors relative to {compare[0]['surrogate']!r}):")
-        print(f"{'surrogate':<32} {'dL_V/dρ_1':>10} {'dL_V/dρ_2':>10} {'rel. err':>8} {'cosine':>7} "
-              f"{'solver':>14} {'iters':>5} {'s':>5}")
         for c in compare:
             h = torch.tensor(c["hypergrad"])
             c["rel_err"] = float((h - ref).norm() / ref.norm())
             c["cosine"] = float(torch.nn.functional.cosine_similarity(h, ref, dim=0))
-            print(f"{c['surrogate']:<32} {h[0]:>10.2e} {h[1]:>10.2e} {c['rel_err']:>8.3f} "
-                  f"{c['cosine']:>7.3f} {c['solver']:>14} {str(c['iterations']):>5} "
-                  f"{c['seconds']:>5.1f}")
+        print(format_table(
+            ["surrogate", "dL_V/dρ_1", "dL_V/dρ_2", "rel. err", "cosine", "solver", "iters", "s"],
+            [[c["surrogate"], c["hypergrad"][0], c["hypergrad"][1], c["rel_err"], c["cosine"],
+              c["solver"], c["iterations"], c["seconds"]] for c in compare],
+            formats=[None, ".2e", ".2e", ".3f", ".3f", None, None, ".1f"]))
     print("\nsummary: validation loss reached (decides); test for reference. Hypergradient rows use")
     print("the best-validation point of the path, retrained from the common initialisation.")
-    print(f"{'method':<36} {'wd layer 1':>10} {'wd layer 2':>10} {'val loss':>9} {'test loss':>9} "
-          f"{'test acc':>8} {'time s':>7}")
     rows = [(f"grid, one global wd (best of {len(grid)})", best, t_grid)]
     for surrogate, run in runs.items():
         rows.append((f"hypergrad {surrogate.split(' (')[0]}, path (warm)", run["chosen"],
                      run["seconds"]))
         rows.append((f"hypergrad {surrogate.split(' (')[0]}, retrained", run["retrained"], None))
-    for name, r, t in rows:
-        ts = "" if t is None else f"{t:.1f}"
-        test = (f"{r['test_loss']:>9.4f} {r['test_acc']:>8.3f}" if "test_loss" in r
-                else f"{'':>9} {'':>8}")
-        print(f"{name:<36} {r['wd'][0]:>10.2e} {r['wd'][1]:>10.2e} {r['val_loss']:>9.4f} {test} "
-              f"{ts:>7}")
+    print(format_table(
+        ["method", "wd layer 1", "wd layer 2", "val loss", "test loss", "test acc", "time s"],
+        [[name, r["wd"][0], r["wd"][1], r["val_loss"], r.get("test_loss"), r.get("test_acc"), t]
+         for name, r, t in rows],
+        formats=[None, ".2e", ".2e", ".4f", ".4f", ".3f", ".1f"], missing=""))
 
     args.out.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter() - t_start

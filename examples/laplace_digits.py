@@ -31,22 +31,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torchmetrics.functional.classification import multiclass_calibration_error
+from tqdm.auto import tqdm
 
 import curvkit
 from curvkit.datasets import load_digits
 from curvkit.laplace import LaplacePosterior
+from curvkit.table import format_table
 
 N_BINS = 15
 MIN_BIN_COUNT = 5
 
 
 def train_map(x: torch.Tensor, y: torch.Tensor, hidden: int, epochs: int, weight_decay: float,
-              seed: int = 0) -> nn.Module:
+              seed: int = 0, progress: bool = True) -> nn.Module:
     """Full-batch Adam on mean cross-entropy + (wd/2)‖θ‖² (a MAP with prior precision n·wd)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.Tanh(), nn.Linear(hidden, 10)).double()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="MAP (full-batch Adam)", unit="step", disable=not progress):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss = loss + 0.5 * weight_decay * sum((p**2).sum() for p in model.parameters())
@@ -56,19 +59,22 @@ def train_map(x: torch.Tensor, y: torch.Tensor, hidden: int, epochs: int, weight
 
 
 def metrics(probs: torch.Tensor, y: torch.Tensor) -> dict:
-    """Accuracy, mean NLL, ECE and the reliability curve (per-bin confidence, accuracy, count)."""
+    """Accuracy, mean NLL, ECE (torchmetrics, L1, equal-width bins) and the reliability curve.
+
+    The curve holds per-bin (mean confidence, accuracy, count) for the diagram.
+    """
     probs = probs.clamp_min(1e-12)
     conf, pred = probs.max(1)
     correct = (pred == y).double()
-    nll = float(-probs.gather(1, y[:, None]).log().mean())
+    nll = float(nn.functional.nll_loss(probs.log(), y))
+    ece = float(multiclass_calibration_error(probs, y, num_classes=probs.shape[1], n_bins=N_BINS,
+                                             norm="l1"))
     edges = torch.linspace(0, 1, N_BINS + 1, dtype=probs.dtype)
-    ece, curve = 0.0, []
+    curve = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         mask = (conf > lo) & (conf <= hi)
         if mask.any():
-            c, a = float(conf[mask].mean()), float(correct[mask].mean())
-            ece += mask.double().mean().item() * abs(c - a)
-            curve.append((c, a, int(mask.sum())))
+            curve.append((float(conf[mask].mean()), float(correct[mask].mean()), int(mask.sum())))
     return {"accuracy": float(correct.mean()), "nll": nll, "ece": ece, "reliability": curve}
 
 
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke mode: small model and Fisher batch")
     ap.add_argument("--out", default="results", help="output folder (JSON and PNG)")
     ap.add_argument("--hidden", type=int, default=None, help="hidden width (default 32; quick 16)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     hidden = args.hidden or (16 if args.quick else 32)
     epochs = 100 if args.quick else 800
     # weak weight decay (prior precision n·wd ≈ 0.01): a slightly overfit, overconfident MAP
-    model = train_map(xtr, ytr, hidden, epochs, weight_decay=1e-5)
+    model = train_map(xtr, ytr, hidden, epochs, weight_decay=1e-5, progress=not args.no_progress)
     model.eval()
     # Fisher batch: the whole fitting set (quick: a 100-image subsample, scaled to n by num_data)
     nf = 100 if args.quick else n
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         results["methods"]["MAP"] = {**metrics(torch.softmax(model(xte), 1), yte), "tuning": "–",
                                      "prior_precision": None, "log_evidence": None, "seconds": 0.0}
-    for structure in ["full", "kfac", "foof", "diag"]:
+    for structure in tqdm(["full", "kfac", "foof", "diag"], desc="Laplace posteriors",
+                          disable=args.no_progress):
         if structure not in curvkit.structures():
             print(f"skipping {structure!r}: not registered")
             continue
@@ -128,13 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"digits MLP 64-{hidden}-10 (P = {P}), MAP by full-batch Adam on {n} images; Laplace "
           f"with the exact Fisher on {nf} images, num_data = {n}; GLM probit predictive on "
           f"{int(yte.shape[0])} test images")
-    print("| method | δ | log evidence | test acc | test NLL | ECE | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in results["methods"].items():
-        d = "–" if r["prior_precision"] is None else f"{r['prior_precision']:.3g}"
-        ev = "–" if r["log_evidence"] is None else f"{r['log_evidence']:.1f}"
-        print(f"| {name} | {d} | {ev} | {r['accuracy']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} "
-              f"| {r['seconds']:.1f} |")
+    print(format_table(
+        ["method", "δ", "log evidence", "test acc", "test NLL", "ECE", "seconds"],
+        [[name, r["prior_precision"], r["log_evidence"], r["accuracy"], r["nll"], r["ece"], r["seconds"]]
+         for name, r in results["methods"].items()],
+        formats=[None, ".3g", ".1f", ".4f", ".4f", ".4f", ".1f"], style="markdown"))
 
     # ---------------------------------------------------------------- outputs
     out = Path(args.out)

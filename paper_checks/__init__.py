@@ -28,6 +28,7 @@ CHECKS: tuple[str, ...] = (
     "fig4c",
     "figI6",
     "appG_laplace",
+    "impl_diffs",
 )
 
 

@@ -3,7 +3,8 @@
 * full (default): every check at the REPORT size; writes ``results/<name>.json``, the committed
   copies ``paper_checks/results/<name>.json`` and ``paper_checks/figures/<name>.png``, and
   regenerates ``paper_checks/REPORT.md``;
-* ``--quick``: every check at reduced size (< 10 minutes on 2 cores); writes only under
+* ``--quick``: every check at reduced size (a few minutes on 2 cores; 2 seeds, 2 candidates per
+  search, one widening per axis side); writes only under
   ``results/quick/`` (including ``results/quick/REPORT.md``), never the committed files.
 """
 
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-commit", action="store_true",
                    help="full run without writing paper_checks/results, figures and REPORT.md")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--cap", type=int, default=None, help="automatic widenings per grid-axis side "
+                   "(default 2; 1 with --quick)")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     return p.parse_args(argv)
 
@@ -55,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m paper_checks " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                            else sys.argv[1:]))
     cfg = Config(level=level, seeds=seeds, jobs=max(1, args.jobs), out_dir=out, commit=commit,
-                 progress=not args.no_progress, command=command.strip())
+                 progress=not args.no_progress, command=command.strip(),
+                 screen=2, cap=args.cap if args.cap is not None else
+                 (2 if level == "full" else 1))
     torch.set_num_threads(1)
     names = args.only or list(CHECKS)
     results: list[CheckResult] = []

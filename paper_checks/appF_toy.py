@@ -60,6 +60,7 @@ def foof_step(damping_paper: float) -> np.ndarray:
     n = X.shape[0]
     m = _model()
     opt = FOOF(m, lr=1.0 / n, damping=damping_paper / n, ema_decay=0.0, inv_period=1, ema_steps=1)
+    opt.initialize([X])  # App. K: the factor of the two datapoints, under either update order
     opt.zero_grad()
     _summed_loss(m).backward()
     opt.step()

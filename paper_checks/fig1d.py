@@ -29,6 +29,7 @@ from paper_checks.harness import (
     PARTLY,
     CheckResult,
     Harness,
+    budget_line,
     fmt_pm,
     fmt_ratio,
     new_figure,
@@ -56,7 +57,7 @@ def run(h: Harness) -> CheckResult:
                          (NAT_MC_FB, grid_nat_fb(h)), (GD_M, grid_gd(h))], desc=NAME)
     kfac, full, mc, gdm = (res[m.label] for m in (KFAC_FB, NAT_FULL_FB, NAT_MC_FB, GD_M))
     r = ratio(full, kfac)
-    full_beats_gdm = full.mean < gdm.mean
+    full_beats_gdm = full.median < gdm.median
     if r >= STRONG and separated(kfac, full) and full_beats_gdm:
         verdict = HOLDS
     elif r > 1.0:
@@ -64,7 +65,8 @@ def run(h: Harness) -> CheckResult:
     else:
         verdict = FAILS
     ours = (f"KFAC {fmt_pm(kfac)}, Nat. Full {fmt_pm(full)}, GD+M {fmt_pm(gdm)}, Nat. MC {fmt_pm(mc)}: "
-            f"Nat. Full / KFAC = {fmt_ratio(r)}; Nat. Full {'<' if full_beats_gdm else '≥'} GD+M")
+            f"Nat. Full / KFAC = {fmt_ratio(r)}; Nat. Full {'<' if full_beats_gdm else '≥'} GD+M; "
+            + budget_line([kfac, full, mc, gdm]))
     rule = (f"holds if Nat.Full/KFAC ≥ {STRONG:g}× (all KFAC seeds below all Nat.Full seeds) and "
             "Nat.Full ends below GD+M; partly if KFAC is lower than Nat.Full on average; otherwise "
             "does not hold")
@@ -77,4 +79,4 @@ def run(h: Harness) -> CheckResult:
                  "full_beats_gdm": full_beats_gdm},
     )
     result.seconds = time.perf_counter() - t0
-    return h.finish(result, fig)
+    return h.finish(result, fig, [kfac, full, mc, gdm])

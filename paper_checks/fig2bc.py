@@ -33,6 +33,7 @@ from paper_checks.common import (
 from paper_checks.harness import (
     CheckResult,
     Harness,
+    budget_line,
     combine,
     fmt_pm,
     gap_closed,
@@ -76,7 +77,7 @@ def run(h: Harness) -> CheckResult:
     ours = (f"2B: KFAC {fmt_pm(kfac_b)}, Nat {fmt_pm(nat_b)}, Nat-BD {fmt_pm(bd_b)}, gap closed {_f(f_b)} "
             f"[{v_b}]; 2C: KFAC {fmt_pm(kfac_c)}, Nat-BD MC {fmt_pm(bdmc_c)} (Nat MC {fmt_pm(mc_c)}, gap "
             f"closed {_f(f_cmc)}) [{v_cmc}], Nat-BD Full {fmt_pm(bdfull_c)} (Nat Full {fmt_pm(full_c)}, gap "
-            f"closed {_f(f_cfull)}) [{v_cfull}]")
+            f"closed {_f(f_cfull)}) [{v_cfull}]; 2B " + budget_line([kfac_b, nat_b, bd_b]))
     rule = ("for each pair (full natural gradient → its block-diagonal version), f = log(L_full / L_BD) / "
             "log(L_full / L_KFAC) is the fraction of the log-gap to KFAC the block-diagonal structure "
             "closes. Each pair holds if f ≤ 0.5 and all KFAC seeds end below all BD seeds, partly if KFAC "
@@ -95,4 +96,4 @@ def run(h: Harness) -> CheckResult:
                  "verdicts": {"2B": v_b, "2C MC": v_cmc, "2C Full": v_cfull}},
     )
     result.seconds = time.perf_counter() - t0
-    return h.finish(result, fig)
+    return h.finish(result, fig, [kfac_b, nat_b, bd_b, kfac_c, mc_c, full_c, bdmc_c, bdfull_c])

@@ -8,7 +8,9 @@ layers), measured every ``EVERY`` updates. As a second view, ``curvkit.validate.
 the same inner-product cosine between the KFAC and FOOF solves of the *current batch* with the
 same λ for both (heuristic and standard damping).
 3C: KFAC's final training loss at each of these dampings (η tuned per damping, App. D.3).
-3D: FOOF at the same dampings (η tuned per damping).
+3D: App. D.9's FOOF' *trained* at the same dampings (η tuned per damping): KFAC's bookkeeping,
+second factor dropped, ``ΔW = −η M (Â + λ_A I)⁻¹ / λ_B`` (:mod:`paper_checks.variants`).
+3B's standard-damping cosine is measured for both standard-damping implementations of Fig 3A.
 
 Learning-rate grids are plain ``η`` grids, not ``α = η/λ``: for small λ the update of both methods
 is governed by the factors' own eigenvalues, so ``η ∝ λ`` would freeze the runs (a pilot showed
@@ -25,8 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from paper_checks.common import KFAC_STD, WIDTH, minibatch
-from paper_checks.fig3a import grid_std
+from paper_checks.common import KFAC_STD, KFAC_STD_PUB, grid_kfac_std, minibatch
 from paper_checks.harness import (
     BATCH,
     FAILS,
@@ -37,7 +38,7 @@ from paper_checks.harness import (
     Harness,
     Method,
     RunSpec,
-    Setup,
+    budget_line,
     combine,
     fmt_pm,
     new_figure,
@@ -55,7 +56,7 @@ REQUIRES = ("curvkit.optim:KFAC", "curvkit.optim:FOOF", "curvkit.validate:compar
 #: Paper dampings (App. D, Table 1 Fig 3C+D) and their curvkit values (λ_c = λ_p / N).
 PAPER_DAMPINGS = (1e-6, 1e-4, 1e-2)
 #: Measure the cosine every this many updates.
-EVERY = 10
+EVERY = 20
 
 
 def _cos_a(U: list[Tensor], V: list[Tensor], A: list[Tensor]) -> tuple[float, float]:
@@ -102,31 +103,30 @@ def _mean_cos(run: Any, key: str = "cos") -> float:
 
 def run(h: Harness) -> CheckResult:
     t0 = time.perf_counter()
-    setup = Setup(data="mnist1d", hidden=WIDTH, batch_size=BATCH, steps=h.pick(1500, 300, 30),
-                  eval_every=h.pick(50, 50, 10))
+    setup = minibatch(h)
     dampings = [d / BATCH for d in PAPER_DAMPINGS]
-    lr_kfac = h.pick((1e-4, 3e-4, 1e-3, 3e-3), (3e-4, 1e-3), (1e-3,))
-    lr_foof = h.pick((0.03, 0.1, 0.3, 1.0), (0.1, 0.3), (0.3,))
+    lrs = h.pick((3e-4, 1e-3, 3e-3), (1e-3, 3e-3), (3e-3,))
     plans = []
-    for lam in dampings:
+    for lam in dampings:  # λ fixed per method by design; η widened automatically
         plans.append((Method.make(f"KFAC λ_p={lam * BATCH:g}", "kfac", ema_decay=0.95, inv_period=1),
-                      Grid(lr_kfac, (lam,))))
-        plans.append((Method.make(f"FOOF λ_p={lam * BATCH:g}", "foof", ema_decay=0.95, inv_period=1),
-                      Grid(lr_foof, (lam,))))
+                      Grid(lrs, (lam,), widen=("lr",))))
+        plans.append((Method.make(f"FOOF' (D.9) λ_p={lam * BATCH:g}", "kfac", ema_decay=0.95, inv_period=1,
+                                  train_direction="foof_d9"), Grid(lrs, (lam,), widen=("lr",))))
     res = h.tune(setup, plans, desc=f"{NAME}: 3C/3D grids")
     kfacs = [res[plans[2 * i][0].label] for i in range(len(dampings))]
     foofs = [res[plans[2 * i + 1][0].label] for i in range(len(dampings))]
-    # standard damping at its Fig 3A optimum (tuned on the Fig 1A/3A setup)
-    std = h.tune(minibatch(h), [(KFAC_STD, grid_std(h))],
-                 desc=f"{NAME}: standard-damping grid")[KFAC_STD.label]
-    specs = [RunSpec(setup, m.method, m.lr, m.damping, 0, probe=f"{__name__}:probe") for m in kfacs]
-    specs.append(RunSpec(setup, KFAC_STD, std.lr, std.damping, 0, probe=f"{__name__}:probe"))
+    # standard damping (both implementations) at their Fig 3A optima (same setup: cached runs)
+    stds = h.tune(setup, [(KFAC_STD, grid_kfac_std(h)), (KFAC_STD_PUB, grid_kfac_std(h))],
+                  desc=f"{NAME}: standard-damping grids")
+    std, pub = stds[KFAC_STD.label], stds[KFAC_STD_PUB.label]
+    specs = [RunSpec(setup, m.method, m.lr, m.damping, 0, probe=f"{__name__}:probe")
+             for m in (*kfacs, std, pub)]
     probes = h.run_many(specs, desc=f"{NAME}: cosine probes")
-    cos_h = [_mean_cos(r) for r in probes[:-1]]
-    cos_s = _mean_cos(probes[-1])
+    cos_h = [_mean_cos(r) for r in probes[:-2]]
+    cos_s, cos_p = _mean_cos(probes[-2]), _mean_cos(probes[-1])
     val_key_h, val_key_s = "validate cos_Â(kfac[heuristic], foof)", "validate cos_Â(kfac[exact], foof)"
-    val_h = [_mean_cos(r, val_key_h) for r in probes[:-1]]
-    val_s = _mean_cos(probes[-1], val_key_s)
+    val_h = [_mean_cos(r, val_key_h) for r in probes[:-2]]
+    val_s = _mean_cos(probes[-2], val_key_s)
 
     # 3B: rises with damping, standard below all heuristic values
     rising = all(a < b for a, b in zip(cos_h, cos_h[1:]))
@@ -137,7 +137,7 @@ def run(h: Harness) -> CheckResult:
     else:
         v_b = FAILS
     # 3C: KFAC's final loss ranks inversely to the cosine
-    loss_k = [m.mean for m in kfacs]
+    loss_k = [m.median for m in kfacs]
     by_cos = list(np.argsort(cos_h)[::-1])
     by_loss = list(np.argsort(loss_k))
     if by_cos == by_loss:
@@ -146,8 +146,8 @@ def run(h: Harness) -> CheckResult:
         v_c = PARTLY
     else:
         v_c = FAILS
-    # 3D: FOOF beats KFAC at the smallest damping and is already near its own best there
-    loss_f = [m.mean for m in foofs]
+    # 3D: FOOF' beats KFAC at the smallest damping and is already near its own best there
+    loss_f = [m.median for m in foofs]
     beats = loss_f[0] < loss_k[0]
     near_best = loss_f[0] <= 2.0 * min(loss_f)
     v_d = HOLDS if beats and near_best else (PARTLY if beats or near_best else FAILS)
@@ -155,20 +155,23 @@ def run(h: Harness) -> CheckResult:
 
     lam_txt = "/".join(f"{d:g}" for d in PAPER_DAMPINGS)
     ours = (f"3B: cos = {' / '.join(f'{c:.2f}' for c in cos_h)} for heuristic λ_p = {lam_txt}, "
-            f"{cos_s:.2f} for standard damping (validate, same-λ FOOF: "
+            f"{cos_s:.2f} for standard damping, {cos_p:.2f} with the public code's standard damping "
+            f"(validate, same-λ FOOF: "
             f"{' / '.join(f'{c:.2f}' for c in val_h)} vs {val_s:.2f}) [{v_b}]; 3C: KFAC final loss "
-            f"{' / '.join(fmt_pm(m) for m in kfacs)} [{v_c}]; 3D: FOOF "
-            f"{' / '.join(fmt_pm(m) for m in foofs)} [{v_d}]")
+            f"{' / '.join(fmt_pm(m) for m in kfacs)} [{v_c}]; 3D: FOOF' (D.9) "
+            f"{' / '.join(fmt_pm(m) for m in foofs)} [{v_d}]; FOOF'/KFAC at λ_p = {PAPER_DAMPINGS[0]:g}: "
+            f"{loss_f[0] / loss_k[0]:.2g}; " + budget_line([*kfacs, *foofs]))
     rule = ("3B holds if the trajectory cosine (mean over the second half of the run) strictly rises "
             "with the heuristic damping and the standard-damping cosine is below all heuristic ones; "
             "partly if it rises from the smallest to the largest damping or standard is below the "
             "largest; else does not hold. 3C holds if KFAC's final losses rank exactly inversely to the "
-            "cosines, partly if the highest-cosine damping has the lowest loss. 3D holds if FOOF at the "
+            "cosines, partly if the highest-cosine damping has the lowest loss. 3D holds if FOOF' at the "
             "smallest damping beats KFAC there and is within 2× of FOOF's best damping, partly if one "
             "of the two. Overall: all hold → holds; all fail → does not hold; else partly.")
 
     fig, (ax_b, ax_c, ax_d) = new_figure(3, 4.6)
-    for r, lab in zip(probes, [f"heuristic λ_p={d:g}" for d in PAPER_DAMPINGS] + ["standard"]):
+    for r, lab in zip(probes, [f"heuristic λ_p={d:g}" for d in PAPER_DAMPINGS] + ["standard (correct)",
+                                                                                 "standard (public code)"]):
         rows = [p for p in r.probe if p and "cos" in p]
         ax_b.plot([p["step"] for p in rows], [p["cos"] for p in rows], label=lab)
     ax_b.set_xlabel("updates")
@@ -177,16 +180,17 @@ def run(h: Harness) -> CheckResult:
     ax_b.legend(fontsize=7)
     ax_b.grid(alpha=0.3)
     plot_curves(ax_c, kfacs, "Fig 3C analogue: KFAC vs damping")
-    plot_curves(ax_d, foofs, "Fig 3D analogue: FOOF vs damping")
+    plot_curves(ax_d, foofs, "Fig 3D analogue: FOOF' (D.9) vs damping")
     result = CheckResult(
         name=NAME, title=TITLE, claim=CLAIM, paper=PAPER, ours=ours, verdict=verdict, rule=rule,
         setup=setup.describe() + f"; dampings λ_c = λ_p/100; η tuned per damping and method; standard "
-              f"damping at Fig 3A's optimum (η={std.lr:g}, λ={std.damping:g}); cosines every {EVERY} "
-              "updates on seed 0",
-        details={"methods": [m.summary() for m in (*kfacs, *foofs, std)], "cos_heuristic": cos_h,
-                 "cos_standard": cos_s, "validate_cos_heuristic": val_h, "validate_cos_standard": val_s,
+              f"damping at Fig 3A's optima (correct: η={std.lr:g}, λ={std.damping:g}; public code: "
+              f"η={pub.lr:g}, λ={pub.damping:g}); cosines every {EVERY} updates on seed 0",
+        details={"methods": [m.summary() for m in (*kfacs, *foofs, std, pub)], "cos_heuristic": cos_h,
+                 "cos_standard": cos_s, "cos_standard_public_code": cos_p, "validate_cos_heuristic": val_h,
+                 "validate_cos_standard": val_s,
                  "verdicts": {"3B": v_b, "3C": v_c, "3D": v_d},
                  "probe_final_losses": [r.final for r in probes]},
     )
     result.seconds = time.perf_counter() - t0
-    return h.finish(result, fig)
+    return h.finish(result, fig, [*kfacs, *foofs])

@@ -40,7 +40,7 @@ PERIODS = (1, 10, 100)
 def run(h: Harness) -> CheckResult:
     t0 = time.perf_counter()
     width = h.pick(1000, 512, 64)
-    steps = {1: h.pick(30, 10, 3), 10: h.pick(100, 40, 10), 100: h.pick(300, 200, 20)}
+    steps = {1: h.pick(20, 10, 3), 10: h.pick(60, 40, 10), 100: h.pick(200, 100, 20)}
     specs, labels = [], []
     n_sgd = steps[100]
     specs.append(RunSpec(Setup(hidden=(width,) * 3, steps=n_sgd, eval_every=n_sgd), SGD, 0.01, None, 0))

@@ -16,6 +16,7 @@ from paper_checks.harness import (
     CheckResult,
     Harness,
     Method,
+    budget_line,
     combine,
     fmt_pm,
     fmt_ratio,
@@ -53,7 +54,8 @@ def run(h: Harness) -> CheckResult:
     v_t = HOLDS if spread <= SAME else (PARTLY if spread <= CLOSE else FAILS)
     verdict = combine([v_fk, v_t])
     ours = (f"FOOF T=1 {fmt_pm(foof)}, FOOF T={T} {fmt_pm(amort)}, KFAC {fmt_pm(kfac)}, SGD+M "
-            f"{fmt_pm(sgd)}: KFAC / FOOF = {fmt_ratio(r_fk)} [{v_fk}]; FOOF T={T} / T=1 = {r_t:.2f} [{v_t}]")
+            f"{fmt_pm(sgd)}: KFAC / FOOF = {fmt_ratio(r_fk)} [{v_fk}]; FOOF T={T} / T=1 = {r_t:.2f} [{v_t}]; "
+            + budget_line([foof, amort, kfac, sgd]))
     rule = (f"(i) holds if KFAC/FOOF(T=1) ≥ {STRONG:g}× with all FOOF seeds below all KFAC seeds, partly "
             f"if > 1, else does not hold; (ii) holds if FOOF T={T} and T=1 are within {SAME:g}× of each "
             f"other, partly within {CLOSE:g}×, else does not hold. Overall: both hold → holds; both "
@@ -67,4 +69,4 @@ def run(h: Harness) -> CheckResult:
                  "verdict_foof_vs_kfac": v_fk, "amortised_over_t1": r_t, "verdict_amortised": v_t},
     )
     result.seconds = time.perf_counter() - t0
-    return h.finish(result, fig)
+    return h.finish(result, fig, [foof, amort, kfac, sgd])

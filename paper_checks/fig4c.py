@@ -108,4 +108,4 @@ def run(h: Harness) -> CheckResult:
                  "trajectory_final_losses": [r.final for r in runs]},
     )
     result.seconds = time.perf_counter() - t0
-    return h.finish(result, fig)
+    return h.finish(result, fig, [kfac])

@@ -9,6 +9,7 @@ from torch import nn
 import curvkit
 from curvkit.capture import UnsupportedLayerError, capture, find_layers
 from curvkit.linalg import SingularError
+from curvkit.testing.dense import dense_fisher
 from tests.cases import mlp
 
 
@@ -48,21 +49,28 @@ def test_hooks_removed_when_forward_raises():
 
 
 def test_unsupported_layer_named_with_fix():
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().eval()
+    """BatchNorm (eval) now has a rule; in train mode it is refused with the layer and the fix."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(UnsupportedLayerError,
-                       match=r"Unsupported layer '1' \(BatchNorm1d\).*supported layers: Linear, Conv2d.*"
-                             r"requires_grad_\(False\)"):
-        curvkit.fisher(model, torch.randn(4, 3, dtype=torch.float64))
+                       match=r"Layer '1' \(BatchNorm1d\) normalises with batch statistics.*"
+                             r"model.eval\(\).*requires_grad_\(False\)"):
+        curvkit.fisher(model, x)
+    model.eval()
+    F = curvkit.fisher(model, x)
+    assert torch.allclose(F.to_dense(), dense_fisher(model, x), atol=1e-12)
     # freezing it works
     model[1].requires_grad_(False)
-    F = curvkit.fisher(model, torch.randn(4, 3, dtype=torch.float64))
+    F = curvkit.fisher(model, x)
     assert F.shape == (4 * 3 + 4 + 2 * 4 + 2,) * 2
 
 
-def test_grouped_conv_rejected():
+def test_grouped_conv_supported():
     model = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).double()
-    with pytest.raises(UnsupportedLayerError, match="groups=2.*groups=1 only"):
-        curvkit.fisher(model, torch.randn(2, 2, 3, 3, dtype=torch.float64))
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    F = curvkit.fisher(model, x)
+    assert torch.allclose(F.to_dense(), dense_fisher(model, x), atol=1e-12)
+    assert len(F.layers) == 2
 
 
 def test_weight_sharing_is_summed_over_uses():
@@ -118,10 +126,11 @@ def test_non_finite_outputs():
         curvkit.fisher(case.model, x)
 
 
-def test_output_must_be_2d():
-    model = nn.Sequential(nn.Linear(3, 2)).double()
-    with pytest.raises(ValueError, match=r"must be 2-D \(N, C\)"):
-        curvkit.fisher(model, torch.randn(4, 5, 3, dtype=torch.float64))
+def test_output_must_be_at_least_2d():
+    """(N, T, C) outputs are per-position loss terms now (tests/test_rules_targets.py); 1-D is refused."""
+    model = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0)).double()
+    with pytest.raises(ValueError, match=r"must be at least 2-D \(N, C\) or \(N, \.\.\., C\)"):
+        curvkit.fisher(model, torch.randn(4, 3, dtype=torch.float64))
 
 
 def test_empty_batch():

@@ -109,6 +109,21 @@ def test_dataset_to_and_validation(digits: Dataset) -> None:
 # --------------------------------------------------------------------------- subset
 
 
+def test_dataset_is_a_map_style_training_set(digits: Dataset) -> None:
+    from torch.utils.data import DataLoader
+
+    assert len(digits) == digits.n_train == 1438
+    x0, y0 = digits[0]
+    assert torch.equal(x0, digits.x_train[0]) and int(y0) == int(digits.y_train[0])
+    batches = list(DataLoader(digits, batch_size=500))
+    assert [len(b[1]) for b in batches] == [500, 500, 438]
+    assert torch.equal(torch.cat([b[0] for b in batches]), digits.x_train)
+    assert torch.equal(torch.cat([b[1] for b in batches]), digits.y_train)
+    assert len(digits.train_set) == 1438 and len(digits.test_set) == digits.n_test == 359
+    xt, yt = digits.test_set[3]
+    assert torch.equal(xt, digits.x_test[3]) and int(yt) == int(digits.y_test[3])
+
+
 def test_subset_deterministic(digits: Dataset) -> None:
     a = subset(digits, 100)
     b = subset(digits, 100)

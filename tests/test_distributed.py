@@ -67,6 +67,8 @@ def results(model: nn.Module, data, Xt) -> dict:
         out[f"laplace/{structure}/predictive"] = post.predictive(Xt)
         out[f"laplace/{structure}/samples"] = post.sample(3, torch.Generator().manual_seed(1))
         out[f"laplace/{structure}/prior"] = torch.tensor(post.optimize_prior_precision())
+        if structure == "full":  # exact softmax: C − 1 columns per input, also when sharded
+            out["laplace/full/rank"] = torch.tensor(post.rank)
     for structure in ("full", "kfac", "diag"):
         ewc = EWC(model, structure=structure)
         ewc.consolidate(data, progress=False)

@@ -341,16 +341,24 @@ class _WithNorm(nn.Module):
         return self.out(self.norm(self.lin(x)))
 
 
-@pytest.mark.parametrize("structure", ["kfac", "foof"])
-def test_unsupported_layer_is_named(structure):
+def test_layers_without_kronecker_form():
+    """kfac: a norm layer's block is its exact Fisher block; foof refuses it by name.
+    Grouped convolutions are per-group Kronecker blocks."""
     model = _WithNorm().double()
     x = torch.randn(3, 3, dtype=f64)
     with pytest.raises(UnsupportedLayerError,
-                       match=r"Unsupported layer 'norm' \(LayerNorm\).*supported layers: Linear, Conv2d"):
-        curvkit.fisher(model, x, structure=structure)
+                       match=r"structure='foof' needs a Kronecker form.*'norm' \(LayerNorm\)"):
+        curvkit.fisher(model, x, structure="foof")
+    F = curvkit.fisher(model, x, structure="kfac")
+    full = curvkit.fisher(model, x).to_dense()
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    start = sum(sizes[:names.index("norm.weight")])
+    sl = slice(start, start + 2 * model.norm.weight.numel())
+    assert torch.allclose(F.to_dense()[sl, sl], full[sl, sl], atol=1e-12)
     grouped = nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Flatten(), nn.Linear(8, 2)).double()
-    with pytest.raises(UnsupportedLayerError, match="groups=2; curvkit supports Conv2d with groups=1"):
-        curvkit.fisher(grouped, torch.randn(2, 2, 2, 2, dtype=f64), structure=structure)
+    G = curvkit.fisher(grouped, torch.randn(2, 2, 2, 2, dtype=f64), structure="kfac")
+    assert [layer.d_out for layer in G.layers] == [1, 1, 2]
 
 
 @pytest.mark.parametrize("structure", ["full", "block_diag", "diag"])

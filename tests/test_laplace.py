@@ -415,12 +415,17 @@ def test_bad_inputs():
         no_targets.log_marginal_likelihood()
 
 
-def test_unsupported_layer():
+def test_norm_layer_posterior_exact():
+    """LayerNorm parameters (explicit per-sample gradients) enter the full posterior exactly."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)).double()
     x, y = torch.randn(5, 4, dtype=f64), torch.randint(0, 2, (5,))
-    with pytest.raises(UnsupportedLayerError, match=r"'1' \(LayerNorm\).*supported layers: Linear, Conv2d"):
-        LaplacePosterior(model, x, y)
+    post = LaplacePosterior(model, x, y, prior_precision=0.5)
+    Lam = post.num_data * dense_fisher(model, x) + 0.5 * torch.eye(post.num_params, dtype=f64)
+    assert torch.allclose(post.marginal_variance(), torch.linalg.inv(Lam).diagonal(), atol=1e-10)
+    bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double()
+    with pytest.raises(UnsupportedLayerError, match=r"'1' \(BatchNorm1d\) normalises with batch"):
+        LaplacePosterior(bn, x, y)
 
 
 def test_kronecker_posterior_needs_one_prior_per_layer():

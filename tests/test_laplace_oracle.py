@@ -9,8 +9,6 @@ Per-tensor priors are laplace-torch's "layerwise" prior (one value per parameter
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from cases import mlp
@@ -21,34 +19,8 @@ f64 = torch.float64
 
 
 def import_laplace_torch():
-    """Import laplace-torch or skip.
-
-    Works around torchmetrics importing a torchvision that does not match the installed torch
-    (``operator torchvision::nms does not exist``): torchvision is reported unavailable while
-    laplace-torch is imported (it does not need it).
-    """
-    if importlib.util.find_spec("laplace") is None:
-        pytest.skip("laplace-torch is not installed (pip install laplace-torch)")
-    try:
-        import lightning_utilities.core.imports as lui
-    except ImportError:  # pragma: no cover
-        lui = None
-    orig = lui.RequirementCache.__bool__ if lui else None
-    if lui:
-        def no_torchvision(self):
-            if str(getattr(self, "requirement", "")).startswith("torchvision"):
-                return False
-            return orig(self)
-
-        lui.RequirementCache.__bool__ = no_torchvision
-    try:
-        import laplace
-    except Exception as err:  # pragma: no cover - depends on the environment
-        pytest.skip(f"laplace-torch cannot be imported here: {err}")
-    finally:
-        if lui:
-            lui.RequirementCache.__bool__ = orig
-    return laplace
+    """Import laplace-torch (part of the ``test`` extra) or skip if it is not installed."""
+    return pytest.importorskip("laplace")
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -149,17 +149,25 @@ class StdConv2d(nn.Conv2d):
 
 
 def test_linear_subclass_with_own_forward_refused():
+    """curvkit.fisher takes such a subclass through the generic route (exact); the optimizers'
+    fast rules still refuse it by name."""
+    from curvkit.capture import GenericAdapter, find_rules
+    from curvkit.optim import FOOF
     model = nn.Sequential(DoubledLinear(4, 3)).to(D64)
+    x = torch.randn(3, 4, dtype=D64)
+    _close(curvkit.fisher(model, x).to_dense(), dense_fisher(model, x))
+    (ad,) = find_rules(model, list(model.parameters()))
+    assert isinstance(ad, GenericAdapter) and ad.reason == "subclass of Linear that overrides forward"
     with pytest.raises(UnsupportedLayerError,
-                       match=r"Layer '0' \(DoubledLinear\) is a subclass of nn.Linear that "
-                             r"overrides forward.*Freeze its parameters"):
-        curvkit.fisher(model, torch.randn(3, 4, dtype=D64))
+                       match=r"Layer '0' \(DoubledLinear\) is a subclass of nn.Linear that overrides "
+                             r"forward.*Freeze its parameters"):
+        FOOF(model)
 
 
 def test_conv_subclass_with_own_forward_refused():
     model = nn.Sequential(StdConv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2)).to(D64)
-    with pytest.raises(UnsupportedLayerError, match=r"'0' \(StdConv2d\).*overrides forward"):
-        curvkit.fisher(model, torch.randn(2, 2, 4, 4, dtype=D64))
+    x = torch.randn(2, 2, 4, 4, dtype=D64)
+    _close(curvkit.fisher(model, x).to_dense(), dense_fisher(model, x))
 
 
 def test_subclass_without_own_forward_is_fine():
@@ -172,10 +180,17 @@ def test_subclass_without_own_forward_is_fine():
 
 
 def test_instance_forward_refused():
+    """An instance forward goes generic in curvkit.fisher (exact) and is refused by optimizers."""
+    import types
+
+    from curvkit.optim import FOOF
     lin = nn.Linear(4, 3).to(D64)
-    lin.forward = lambda x: F.linear(x, 2 * lin.weight, lin.bias)
+    lin.forward = types.MethodType(lambda self, x: F.linear(x, 2 * self.weight, self.bias), lin)
+    model = nn.Sequential(lin)
+    x = torch.randn(3, 4, dtype=D64)
+    _close(curvkit.fisher(model, x, generic_route="loop").to_dense(), dense_fisher(model, x))
     with pytest.raises(UnsupportedLayerError, match="overrides forward"):
-        curvkit.fisher(nn.Sequential(lin), torch.randn(3, 4, dtype=D64))
+        FOOF(model)
 
 
 def test_guard_fires_on_broken_rule(monkeypatch):

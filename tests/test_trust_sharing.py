@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import curvkit
-from curvkit.capture import CaptureMismatchError, CheckpointError, UnsupportedLayerError
+from curvkit.capture import CaptureMismatchError, CheckpointError
 from curvkit.testing.dense import dense_block_diagonal, dense_fisher, per_sample_jacobians
 
 D64 = torch.float64
@@ -178,17 +178,16 @@ def test_tie_between_embedding_and_linear_refused():
         def forward(self, ids):
             return self.head(self.emb(ids).mean(1))
 
-    with pytest.raises(UnsupportedLayerError,
-                       match=r"tied between 'emb.weight' \(Embedding\) and 'head.weight' "
-                             r"\(Linear\).*Untie them, or freeze the parameter"):
-        curvkit.fisher(LM().to(D64), torch.randint(0, 7, (3, 5)))
+    # a tie between different layer types takes the generic torch.func route (exact)
+    model, ids = LM().to(D64), torch.randint(0, 7, (3, 5))
+    _close(curvkit.fisher(model, ids).to_dense(), dense_fisher(model, ids))
 
 
 def test_tie_with_different_trainable_biases_refused():
     model = Tied().to(D64)
     model.b.bias = nn.Parameter(torch.zeros(4, dtype=D64))
-    with pytest.raises(UnsupportedLayerError, match="different 'bias' tensors.*Share the bias"):
-        curvkit.fisher(model, torch.randn(3, 4, dtype=D64))
+    x = torch.randn(3, 4, dtype=D64)  # the tied weight goes generic, the biases keep the rule
+    _close(curvkit.fisher(model, x).to_dense(), dense_fisher(model, x))
 
 
 class Checkpointed(nn.Module):

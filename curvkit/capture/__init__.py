@@ -1,11 +1,14 @@
 """Capture: the only package that registers hooks.
 
-One forward (and the needed backward passes) on a batch stores, per supported layer, the layer
-inputs ``a`` and back-propagated errors ``e`` -- never per-sample gradients of size P×N.
+One forward (and the needed backward passes) on a batch stores, per layer with a rule
+(:mod:`curvkit.capture.rules`), the layer inputs ``a`` and back-propagated errors ``e`` -- never
+per-sample gradients of size P×N of those layers; every other parameter gets explicit per-sample
+gradients from the generic ``torch.func`` route (:mod:`curvkit.capture.generic`).
 """
 
 from curvkit.capture.batch import Captured, capture, capture_inputs
 from curvkit.capture.eager import eager_module
+from curvkit.capture.generic import GenericAdapter
 from curvkit.capture.guard import CaptureMismatchError, CheckSchedule, verify_capture
 from curvkit.capture.hooks import (
     CheckpointError,
@@ -33,7 +36,9 @@ from curvkit.capture.layers import (
     UnsupportedLayerError,
     check_fast_rule,
     find_layers,
+    find_rules,
 )
+from curvkit.capture.rules import ExplicitAdapter, register_rule, rules, unregister_rule
 from curvkit.capture.targets import (
     KINDS,
     LIKELIHOODS,
@@ -48,7 +53,8 @@ __all__ = [
     "WeightSharingError", "CheckpointError", "eager_module",
     "CaptureMismatchError", "CheckSchedule", "verify_capture",
     "LayerAdapter", "find_layers", "SUPPORTED_LAYERS", "UnsupportedLayerError", "BatchLayoutError",
-    "check_fast_rule",
+    "check_fast_rule", "ExplicitAdapter", "GenericAdapter", "find_rules", "register_rule",
+    "unregister_rule", "rules",
     "Batch", "LABEL_KEY", "parse_batch", "batch_size", "forward", "as_logits", "check_model",
     "input_tensors", "slice_inputs",
     "KINDS", "LIKELIHOODS", "output_seeds", "sample_targets", "loss_gradient", "exact_factor",

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from curvkit.capture.generic import generic_columns
 from curvkit.capture.guard import verify_capture
 from curvkit.capture.hooks import BackwardRoute, errors_by_backward, layer_errors, record
 from curvkit.capture.inputs import OutputFn, batch_size, forward, input_tensors
 from curvkit.capture.layers import LayerAdapter
-from curvkit.capture.targets import output_seeds
+from curvkit.capture.targets import num_loss_terms, output_seeds
 
 
 @dataclass
@@ -23,14 +25,17 @@ class Captured:
 
     Attributes:
         layers: the tracked layers.
-        a: per layer, inputs ``(N, T, d_in)`` (with a ones column for a selected bias).
+        a: per layer, inputs ``(N, T, d_in)`` (with a ones column for a selected bias; ``1`` of
+            shape ``(N, 1, 1)`` for explicit rules and the generic route).
         e: per layer, errors ``(N·R, T, d_out)`` with the Fisher scaling folded in, so that
             column ``m = n·R + r`` of ``G`` restricted to the layer is
-            ``vec_r(Σ_t e_{mt} a_{nt}ᵀ)``.
-        outputs: the model outputs ``(N, C)`` (detached).
+            ``vec_r(Σ_t e_{mt} a_{nt}ᵀ)`` (see :mod:`curvkit.capture.rules.base`).
+        outputs: the model outputs ``(N, C)`` or ``(N, …, C)`` (detached).
         sampled: MC labels ``(S, N[, C])`` for ``kind="mc"``, else ``None``.
         kind, likelihood: what was captured.
         check: the guard's relative error per layer (``None`` when not checked).
+        num_terms: ``N_ℓ``, the number of loss terms (positions; see
+            :mod:`curvkit.capture.targets`).
     """
 
     layers: list[LayerAdapter]
@@ -41,6 +46,7 @@ class Captured:
     kind: str
     likelihood: str
     check: dict[str, float] | None = None
+    num_terms: int | None = None
 
     @property
     def num_data(self) -> int:
@@ -120,48 +126,99 @@ def capture(
     generator: torch.Generator | None = None,
     output_fn: OutputFn | None = None,
     check: bool = True,
+    ignore_index: int = -100,
+    generic_route: str = "auto",
+    generic_budget_gb: float | None = None,
 ) -> Captured:
     """Run one forward pass and ``R`` vector-Jacobian products from the outputs.
 
-    ``R`` is ``C`` (exact), ``mc_samples`` (mc) or 1 (empirical); see
-    :mod:`curvkit.capture.targets` for the seeds and their scaling. ``inputs`` is a tensor, a
-    tuple or a dict and the output a tensor or an object with ``.logits`` (see
-    :mod:`curvkit.capture.inputs`; ``output_fn`` maps other outputs to the logits). The model's
-    buffers are left unchanged.
+    ``R`` is ``C`` (exact; ``T·C`` for outputs ``(N, T, C)``), ``mc_samples`` (mc) or 1
+    (empirical); see :mod:`curvkit.capture.targets` for the seeds and their scaling. ``inputs`` is
+    a tensor, a tuple or a dict and the output a tensor or an object with ``.logits`` (see
+    :mod:`curvkit.capture.inputs`; ``output_fn`` maps other outputs to the logits). Layers with
+    a rule are recorded by hooks in that pass; the generic adapters get their explicit columns
+    from the same seeds by ``torch.func`` (:mod:`curvkit.capture.generic`). The model's buffers
+    are left unchanged.
 
     Args:
         check: verify the captured factors against autograd on the same batch (one extra
             backward, :func:`~curvkit.capture.guard.verify_capture`).
+        ignore_index: classification target value of positions that are no loss term.
+        generic_route, generic_budget_gb: see :func:`curvkit.capture.generic.generic_columns`.
 
     Raises:
         CaptureMismatchError: ``check`` found a layer whose capture does not match autograd.
         RuntimeError: inside ``torch.inference_mode()``, or a tracked layer was not called.
     """
+    sampled: list[Tensor | None] = [None]
+
+    def seeds_of(outputs: Tensor) -> Tensor:
+        seeds, sampled[0] = output_seeds(outputs, targets, likelihood, kind, mc_samples,
+                                         generator, ignore_index)
+        return seeds
+
+    outputs, a, e, report = capture_columns(model, inputs, layers, seeds_of, generic_route,
+                                            generic_budget_gb, output_fn, check)
+    terms = num_loss_terms(outputs, targets, likelihood, ignore_index)
+    return Captured(list(layers), a, e, outputs, sampled[0], kind, likelihood, report, terms)
+
+
+def capture_columns(
+    model: nn.Module,
+    inputs: Any,
+    layers: Sequence[LayerAdapter],
+    seeds_of: Callable[[Tensor], Tensor],
+    generic_route: str = "auto",
+    generic_budget_gb: float | None = None,
+    output_fn: OutputFn | None = None,
+    check: bool = False,
+) -> tuple[Tensor, list[Tensor], list[Tensor], dict[str, float] | None]:
+    """One forward pass, then the columns ``∂⟨σ_m, f⟩/∂θ`` of every layer in ``(a, e)`` form.
+
+    Args:
+        model, inputs, layers: the network, the batch and the adapters.
+        seeds_of: ``outputs -> seeds (N, R, *outputs.shape[1:])`` (scaling folded in).
+        generic_route, generic_budget_gb: see :func:`curvkit.capture.generic.generic_columns`.
+        output_fn: maps the model output to the logits (see :mod:`curvkit.capture.inputs`).
+        check: run the capture guard on every layer (rules and generic route).
+
+    Returns:
+        ``(outputs detached, a per layer, e per layer, guard report or None)`` in layer order.
+    """
     N = batch_size(inputs)  # type and emptiness checks
     inputs = check_grad_mode(inputs)
     _warn_train_mode(model)
-    with torch.enable_grad(), buffers_kept(model), \
-            record(layers, keep_outputs=True, batch_size=N) as rec:
-        outputs = forward(model, inputs, output_fn)
-        rec.check_complete(layers)
-        seeds, sampled = output_seeds(outputs, targets, likelihood, kind, mc_samples, generator)
-        seeds = seeds.to(outputs.dtype)
-        route = None
-        if any(rec.ungraphed):  # reentrant checkpointing: only .backward() reaches the layers
-            route = BackwardRoute(rec, [*model.parameters(), *input_tensors(inputs)])
-            errors = errors_by_backward(outputs, rec, layers, seeds, route)
-        else:
-            errors = layer_errors(outputs, rec, layers, seeds)
-        a = [x for x in rec.inputs]
-        for layer, ai, ei in zip(layers, a, errors):
+    hooked = [layer for layer in layers if layer.hooked]
+    generic = [layer for layer in layers if not layer.hooked]
+    with torch.enable_grad(), buffers_kept(model):
+        with record(hooked, keep_outputs=True, batch_size=N) as rec:
+            outputs = forward(model, inputs, output_fn)
+            rec.check_complete(hooked)
+            seeds = seeds_of(outputs).to(outputs.dtype)
+            route = None
+            if hooked and any(rec.ungraphed):  # reentrant checkpointing: only .backward() reaches
+                route = BackwardRoute(rec, [*model.parameters(), *input_tensors(inputs)])
+                errors = errors_by_backward(outputs, rec, hooked, seeds, route)
+            else:
+                errors = layer_errors(outputs, rec, hooked, seeds) if hooked else []
+        pairs = {id(layer): layer.combine(ai, ei)
+                 for layer, ai, ei in zip(hooked, rec.inputs, errors)}
+        # outside the hooks: the generic route's own forwards are no uses of the hooked layers
+        for layer, ei in zip(generic, generic_columns(model, inputs, generic, seeds,
+                                                      generic_route, generic_budget_gb,
+                                                      output_fn)):
+            pairs[id(layer)] = (torch.ones(N, 1, 1, dtype=ei.dtype, device=ei.device), ei)
+        a = [pairs[id(layer)][0] for layer in layers]
+        e = [pairs[id(layer)][1] for layer in layers]
+        for layer, ai, ei in zip(layers, a, e):
             if not (torch.isfinite(ai).all() and torch.isfinite(ei).all()):
                 raise FloatingPointError(f"non-finite inputs or errors at layer {layer.describe()}")
         backward = None if route is None else \
             (lambda v: (route.run(outputs, v), route.leaf_grads)[1])
-        report = verify_capture(layers, a, errors, outputs, seeds, retain_graph=False,
+        report = verify_capture(layers, a, e, outputs, seeds, retain_graph=False,
                                 per_sample=not batch_coupled(model), backward=backward) \
             if check else None
-    return Captured(list(layers), a, errors, outputs.detach(), sampled, kind, likelihood, report)
+    return outputs.detach(), a, e, report
 
 
 def capture_inputs(model: nn.Module, inputs, layers: Sequence[LayerAdapter], *,

@@ -30,8 +30,8 @@ def eager_module(model: nn.Module, owner: str = "curvkit") -> nn.Module:
     Raises:
         TypeError: a submodule is compiled (the message names it and says what to do).
     """
-    while is_compiled(model) and hasattr(model, "_orig_mod"):
-        model = model._orig_mod
+    while is_compiled(model) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # type: ignore[assignment]
     for name, m in model.named_modules():
         if is_compiled(m):
             raise TypeError(

@@ -67,24 +67,17 @@ def guard_tolerance(dtype: torch.dtype, device: torch.device | str = "cpu") -> t
     return math.sqrt(eps), 64 * eps
 
 
-def layer_params(layers: Sequence[LayerAdapter]) -> list[nn.Parameter]:
+def layer_params(layers: Sequence[LayerAdapter]) -> list[Tensor]:
     """The selected parameters of ``layers`` (weight, then bias), each once."""
-    out: dict[int, nn.Parameter] = {}
+    out: dict[int, Tensor] = {}
     for layer in layers:
-        if layer.weight:
-            out.setdefault(id(layer.module.weight), layer.module.weight)
-        if layer.bias:
-            out.setdefault(id(layer.module.bias), layer.module.bias)
+        for p in layer.parameters():
+            out.setdefault(id(p), p)
     return list(out.values())
 
 
 def _layer_grad(layer: LayerAdapter, grads: dict[int, Tensor]) -> Tensor:
-    cols = []
-    if layer.weight:
-        cols.append(grads[id(layer.module.weight)].reshape(layer.d_out, -1))
-    if layer.bias:
-        cols.append(grads[id(layer.module.bias)].reshape(layer.d_out, 1))
-    return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+    return layer.block_gradient(grads)  # the layer's (d_out, d_in) block, in its rule's layout
 
 
 def _hint(layer: LayerAdapter) -> str:
@@ -137,7 +130,8 @@ def verify_capture(
     w = torch.randn(N if per_sample else 1, R, generator=gen, device=outputs.device,
                     dtype=outputs.dtype).expand(N, R)
     params = layer_params(layers)
-    v = torch.einsum("nr,nrc->nc", w, seeds.to(outputs.dtype))
+    v = torch.einsum("nr,nr...->n...", w, seeds.to(outputs.dtype))
+    grads_list: Sequence[Tensor | None]
     if backward is None:
         grads_list = torch.autograd.grad(outputs, params, grad_outputs=v,
                                          retain_graph=retain_graph, allow_unused=True)

@@ -21,6 +21,29 @@ Likelihoods (``Λ`` is the output-space Fisher):
   (PyTorch's ``MSELoss(reduction="mean")`` corresponds to variance ``C/2``: rescale accordingly.)
 * ``"binary"``: independent Bernoulli per output on logits, ``−log p = BCEWithLogits(f, y)``;
   ``∇_f = σ(f) − y``, ``Λ = diag(σ(1−σ))``, ``S = diag(√(σ(1−σ)))`` (``R = C``).
+
+**Outputs with extra dimensions** ``(N, …, C)``: the class (or output) dimension is the *last*
+one, and every position ``t`` of the middle dimensions is one loss term ``ℓ_{nt}`` (language
+modelling ``(N, T, V)``; for a segmentation output ``(N, C, H, W)`` return
+``logits.movedim(1, -1)``). With classification targets ``(N, …)``, positions whose target is
+``ignore_index`` (default ``-100``, as ``torch.nn.functional.cross_entropy``) are no loss terms.
+The Fisher is the mean **per loss term**: with ``N_ℓ`` the number of loss terms of the batch,
+
+* ``"exact"``: ``F = (1/N_ℓ) Σ_{n,t} J_{nt}ᵀ Λ_{nt} J_{nt}`` -- one seed per position and class,
+  ``R = T·C`` backward passes (refused above :data:`MAX_EXACT_SEEDS` with the cost; use ``mc``);
+* ``"mc"``: ``F = (1/(N_ℓ S)) Σ_n Σ_s g_n(ŷ_{ns}) g_n(ŷ_{ns})ᵀ`` with ``g_n = Σ_t ∇ℓ_{nt}`` and
+  labels drawn independently per position -- an unbiased estimate of the exact one (the cross
+  terms have mean zero), ``R = S``;
+* ``"empirical"``: ``F = (1/N_ℓ) Σ_n g_n(y_n) g_n(y_n)ᵀ``, ``g_n = Σ_t ∇ℓ_{nt}(y_{nt})``, the
+  gradient of the datum's summed loss (``R = 1``).
+
+For ``(N, C)`` outputs ``N_ℓ = N`` and everything is as above. Map to curvlinops (which flattens
+positions into the batch, class dim 1 for ``CrossEntropyLoss``, ``reduction="mean"`` dividing by
+the number of positions ``N·T``): curvkit ``exact`` = curvlinops ``GGNLinearOperator`` on
+``logits.movedim(-1, 1)`` (no ignored targets); curvkit ``mc`` has the same expectation as
+``FisherMCLinearOperator``; curvlinops' ``EFLinearOperator`` uses per-position gradients
+(``Σ_t g_{nt} g_{nt}ᵀ``), curvkit's ``empirical`` the per-datum gradient ``g_n`` -- they agree for
+``T = 1``.
 """
 
 from __future__ import annotations
@@ -33,39 +56,46 @@ from torch import Tensor
 LIKELIHOODS = ("classification", "regression", "binary")
 KINDS = ("exact", "mc", "empirical")
 
+#: Largest number of backward seeds per input ``kind="exact"`` accepts (``T·C``).
+MAX_EXACT_SEEDS = 4096
+
 
 def check_choice(value: str, valid: tuple[str, ...], what: str) -> None:
+    """Raise ``ValueError`` naming ``what``, the bad ``value`` and the ``valid`` choices."""
     if value not in valid:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(repr, valid))}")
 
 
 def check_outputs(outputs: Tensor, likelihood: str) -> None:
-    """Validate model outputs ``(N, C)``: 2-D and finite."""
-    if outputs.dim() != 2:
+    """Validate model outputs ``(N, …, C)``: at least 2-D and finite."""
+    if outputs.dim() < 2:
         raise ValueError(
-            f"the model output must be 2-D (N, C) for likelihood {likelihood!r}, got shape "
-            f"{tuple(outputs.shape)}; flatten extra dimensions in the model"
+            f"the model output must be at least 2-D (N, C) or (N, ..., C) for likelihood "
+            f"{likelihood!r}, got shape {tuple(outputs.shape)}"
         )
     if not torch.isfinite(outputs).all():
         raise FloatingPointError("the model output has non-finite values (nan/inf)")
 
 
-def check_targets(outputs: Tensor, targets: Tensor, likelihood: str) -> None:
+def check_targets(outputs: Tensor, targets: Tensor, likelihood: str,
+                  ignore_index: int = -100) -> None:
     """Validate data targets against the outputs for a likelihood."""
-    N, C = outputs.shape
+    C = outputs.shape[-1]
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
     if targets.device != outputs.device:
         raise ValueError(f"targets are on {targets.device} but the outputs on {outputs.device}")
     if likelihood == "classification":
-        if targets.shape != (N,) or targets.dtype not in (torch.int64, torch.int32):
+        shape = tuple(outputs.shape[:-1])
+        if tuple(targets.shape) != shape or targets.dtype not in (torch.int64, torch.int32):
             raise ValueError(
-                f"classification targets must be integer class indices of shape ({N},), got "
+                f"classification targets must be integer class indices of shape {shape}, got "
                 f"{targets.dtype} of shape {tuple(targets.shape)}"
             )
-        if N and (targets.min() < 0 or targets.max() >= C):
-            raise ValueError(f"classification targets must lie in [0, {C}), got "
-                             f"[{int(targets.min())}, {int(targets.max())}]")
+        valid = targets[targets != ignore_index]
+        if valid.numel() and (valid.min() < 0 or valid.max() >= C):
+            raise ValueError(f"classification targets must lie in [0, {C}) (or be ignore_index="
+                             f"{ignore_index}), got [{int(valid.min())}, {int(valid.max())}]")
     else:
         if targets.shape != outputs.shape:
             raise ValueError(
@@ -76,12 +106,26 @@ def check_targets(outputs: Tensor, targets: Tensor, likelihood: str) -> None:
             raise FloatingPointError("targets have non-finite values")
 
 
-def loss_gradient(outputs: Tensor, targets: Tensor, likelihood: str) -> Tensor:
-    """``∇_f(−log p(y|f))`` per input, shape ``(N, C)`` (no batch normalisation)."""
+def term_mask(outputs: Tensor, targets: Tensor | None, likelihood: str,
+              ignore_index: int = -100) -> Tensor:
+    """``(N, …)`` bool: which positions are loss terms (classification targets ≠ ignore_index)."""
+    shape = outputs.shape[:-1]
+    if likelihood == "classification" and targets is not None and tuple(targets.shape) == shape:
+        return targets != ignore_index
+    return torch.ones(shape, dtype=torch.bool, device=outputs.device)
+
+
+def loss_gradient(outputs: Tensor, targets: Tensor, likelihood: str,
+                  ignore_index: int = -100) -> Tensor:
+    """``∇_f(−log p(y|f))`` per position, shape of the outputs (no normalisation; ignored
+    positions get zero)."""
     f = outputs.detach()
     if likelihood == "classification":
-        p = torch.softmax(f, dim=1)
-        return p - torch.nn.functional.one_hot(targets.long(), f.shape[1]).to(f.dtype)
+        p = torch.softmax(f, dim=-1)
+        keep = targets != ignore_index
+        y = torch.where(keep, targets, torch.zeros_like(targets)).long()
+        g = p - torch.nn.functional.one_hot(y, f.shape[-1]).to(f.dtype)
+        return g * keep.unsqueeze(-1).to(f.dtype)
     if likelihood == "regression":
         return f - targets.to(f.dtype)
     return torch.sigmoid(f) - targets.to(f.dtype)
@@ -90,15 +134,17 @@ def loss_gradient(outputs: Tensor, targets: Tensor, likelihood: str) -> Tensor:
 def sample_targets(
     outputs: Tensor, likelihood: str, mc_samples: int = 1, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Draw ``ŷ ∼ p(·|f)``: shape ``(S, N)`` (classification) or ``(S, N, C)``.
+    """Draw ``ŷ ∼ p(·|f)``: shape ``(S, N, …)`` (classification) or ``(S, N, …, C)``.
 
-    All randomness comes from ``generator`` (on the outputs' device).
+    Labels are drawn independently per input and position; all randomness comes from
+    ``generator`` (on the outputs' device).
     """
     f = outputs.detach()
     S = int(mc_samples)
     if likelihood == "classification":
-        p = torch.softmax(f.to(torch.float64), dim=1)
-        return torch.multinomial(p, S, replacement=True, generator=generator).T.contiguous()
+        p = torch.softmax(f.to(torch.float64), dim=-1).reshape(-1, f.shape[-1])
+        y = torch.multinomial(p, S, replacement=True, generator=generator).T
+        return y.reshape(S, *f.shape[:-1]).contiguous()
     if likelihood == "regression":
         eps = torch.randn((S, *f.shape), dtype=f.dtype, device=f.device, generator=generator)
         return f.unsqueeze(0) + eps
@@ -107,19 +153,29 @@ def sample_targets(
 
 
 def exact_factor(outputs: Tensor, likelihood: str) -> Tensor:
-    """Symmetric factor ``S_n`` with ``S_n S_nᵀ = Λ_n``: shape ``(N, R, C)``, rows = columns of S."""
+    """Symmetric factor ``S`` with ``S Sᵀ = Λ`` per position: shape ``(*outputs.shape, C)``
+    (``(N, R=C, C)`` for 2-D outputs), rows = columns of ``S``."""
     f = outputs.detach()
-    N, C = f.shape
+    C = f.shape[-1]
+    eye = torch.eye(C, dtype=f.dtype, device=f.device)
     if likelihood == "classification":
-        p = torch.softmax(f, dim=1)
-        eye = torch.eye(C, dtype=f.dtype, device=f.device)
-        # S[n, c, :] = √p_c (p − 1_c)
-        return p.sqrt().unsqueeze(2) * (p.unsqueeze(1) - eye.unsqueeze(0))
-    eye = torch.eye(C, dtype=f.dtype, device=f.device).expand(N, C, C)
+        p = torch.softmax(f, dim=-1)
+        # S[..., c, :] = √p_c (p − 1_c)
+        return p.sqrt().unsqueeze(-1) * (p.unsqueeze(-2) - eye)
     if likelihood == "regression":
-        return eye.clone()
+        return eye.expand(*f.shape, C).clone()
     s = torch.sigmoid(f)
-    return (s * (1 - s)).sqrt().unsqueeze(2) * eye
+    return (s * (1 - s)).sqrt().unsqueeze(-1) * eye
+
+
+def _per_position(S: Tensor) -> Tensor:
+    """``(N, *pos, C, C)`` factors -> seeds ``(N, T·C, *pos, C)`` each at one position."""
+    N, C = S.shape[0], S.shape[-1]
+    pos = S.shape[1:-2]
+    T = math.prod(pos)
+    eye = torch.eye(T, dtype=S.dtype, device=S.device)
+    seeds = torch.einsum("ntcd,tu->ntcud", S.reshape(N, T, C, C), eye)
+    return seeds.reshape(N, T * C, *pos, C)
 
 
 def output_seeds(
@@ -129,26 +185,60 @@ def output_seeds(
     kind: str,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    ignore_index: int = -100,
 ) -> tuple[Tensor, Tensor | None]:
-    """Seeds ``(N, R, C)`` to back-propagate, with the Fisher scaling folded in.
+    """Seeds ``(N, R, …, C)`` to back-propagate, with the Fisher scaling ``1/√N_ℓ`` folded in.
+
+    Args:
+        outputs: ``(N, C)`` or ``(N, …, C)`` (module docstring).
+        targets: data labels (needed for ``"empirical"``; with classification they mark
+            ignored positions for every kind).
+        ignore_index: target value of positions that are no loss term.
 
     Returns:
-        ``(seeds, sampled)`` where ``sampled`` are the MC labels ``(S, N[, C])`` for
+        ``(seeds, sampled)`` where ``sampled`` are the MC labels ``(S, N, …[, C])`` for
         ``kind="mc"`` (else ``None``), so a reference can rebuild the same Fisher.
+
+    Raises:
+        ValueError: ``kind="exact"`` would need more than :data:`MAX_EXACT_SEEDS` seeds per input.
     """
     check_choice(likelihood, LIKELIHOODS, "likelihood")
     check_choice(kind, KINDS, "kind")
     check_outputs(outputs, likelihood)
-    N = outputs.shape[0]
+    if targets is not None and (kind == "empirical" or likelihood == "classification"):
+        check_targets(outputs, targets, likelihood, ignore_index)
+    mask = term_mask(outputs, targets, likelihood, ignore_index)
+    terms = int(mask.sum())
+    if terms == 0:
+        raise ValueError(f"every target equals ignore_index={ignore_index}: no loss terms")
+    m = mask.unsqueeze(-1).to(outputs.dtype)
+    C = outputs.shape[-1]
+    T = math.prod(outputs.shape[1:-1])
     if kind == "exact":
-        return exact_factor(outputs, likelihood) / math.sqrt(N), None
+        R = T * C
+        if R > MAX_EXACT_SEEDS:
+            raise ValueError(
+                f"kind='exact' on outputs of shape {tuple(outputs.shape)} needs {R} backward "
+                f"passes per batch (positions × classes = {T} × {C}) and a factor of "
+                f"{outputs.shape[0] * R} columns; use kind='mc' (mc_samples backward passes, "
+                "unbiased for the same Fisher) or kind='empirical'"
+            )
+        S = exact_factor(outputs, likelihood) * m.unsqueeze(-1)
+        seeds = S if outputs.dim() == 2 else _per_position(S)
+        return seeds / math.sqrt(terms), None
     if kind == "empirical":
         if targets is None:
             raise ValueError("kind='empirical' needs the data targets: pass targets=...")
-        check_targets(outputs, targets, likelihood)
-        return loss_gradient(outputs, targets, likelihood).unsqueeze(1) / math.sqrt(N), None
+        g = loss_gradient(outputs, targets, likelihood, ignore_index) * m
+        return g.unsqueeze(1) / math.sqrt(terms), None
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
     sampled = sample_targets(outputs, likelihood, mc_samples, generator)
-    seeds = torch.stack([loss_gradient(outputs, y, likelihood) for y in sampled], dim=1)
-    return seeds / math.sqrt(N * mc_samples), sampled
+    seeds = torch.stack([loss_gradient(outputs, y, likelihood) * m for y in sampled], dim=1)
+    return seeds / math.sqrt(terms * mc_samples), sampled
+
+
+def num_loss_terms(outputs: Tensor, targets: Tensor | None, likelihood: str,
+                   ignore_index: int = -100) -> int:
+    """``N_ℓ``: positions of the outputs that are loss terms (module docstring)."""
+    return int(term_mask(outputs, targets, likelihood, ignore_index).sum())

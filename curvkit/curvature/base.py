@@ -166,10 +166,12 @@ class Curvature(LinearOperator):
         return self.operator._rank_bound()
 
     def diagonal(self) -> Tensor:
+        """The diagonal of ``F`` as a ``(P,)`` tensor, in ``params`` order."""
         d = self.operator.diagonal()
         return d if self._identity else d[self._inverse_index]
 
     def to_dense(self) -> Tensor:
+        """The explicit ``(P, P)`` matrix ``F`` in ``params`` order."""
         D = self.operator.to_dense()
         if self._identity:
             return D

@@ -24,13 +24,14 @@ from curvkit.capture import (
     capture,
     check_model,
     eager_module,
-    find_layers,
     input_tensors,
 )
 from curvkit.capture.inputs import LABEL_KEY, OutputFn
+from curvkit.capture.layers import find_rules
 from curvkit.capture.targets import check_choice
 from curvkit.curvature.base import Curvature
 from curvkit.linalg import LinearOperator
+from curvkit.typing import Kind, Likelihood, Structure
 
 Builder = Callable[..., LinearOperator]
 _STRUCTURES: dict[str, Builder] = {}
@@ -82,14 +83,15 @@ class BuildContext:
     extra: dict = field(default_factory=dict)
     output_fn: OutputFn | None = None
     check: bool = True
+    ignore_index: int = -100
 
     @cached_property
     def captured(self) -> Captured:
         return capture(
             self.model, self.inputs, self.layers, self.targets, likelihood=self.likelihood,
             kind=self.kind, mc_samples=self.mc_samples, generator=self.generator,
-            output_fn=self.output_fn,
-            check=self.check,
+            output_fn=self.output_fn, check=self.check, ignore_index=self.ignore_index,
+            **self.extra,
         )
 
     @property
@@ -100,23 +102,22 @@ class BuildContext:
 def layer_index(params: Sequence[nn.Parameter], layers: Sequence[LayerAdapter]) -> Tensor | None:
     """Flat-vector positions of the layer-space layout (see :class:`Curvature`).
 
-    Returns ``None`` when the layout is the identity (layers in parameter order, and no layer
-    whose ``[W | b]`` rows interleave weight and bias), so no ``P``-sized index is built.
+    Returns ``None`` when the layout is the identity (every layer block is the next slice of the
+    flat vector, see :meth:`LayerAdapter.span`), so no ``P``-sized index is built.
     """
-    order = []
-    interleaved = False
-    for layer in layers:
-        if layer.weight:
-            order.append(id(layer.module.weight))
-        if layer.bias:
-            order.append(id(layer.module.bias))
-        interleaved |= layer.weight and layer.bias and layer.d_out > 1
-    if not interleaved and order == [id(p) for p in params]:
-        return None
     offsets, off = {}, 0
     for p in params:
         offsets[id(p)] = off
         off += p.numel()
+    pos = 0
+    for layer in layers:
+        span = layer.span(offsets)
+        if span is None or span[0] != pos:
+            break
+        pos = span[1]
+    else:
+        if pos == off:
+            return None
     return torch.cat([layer.layer_index(offsets) for layer in layers])
 
 
@@ -147,9 +148,9 @@ def fisher(
     batch: Any,
     targets: Tensor | None = None,
     *,
-    likelihood: str = "classification",
-    kind: str = "exact",
-    structure: str = "full",
+    likelihood: Likelihood = "classification",
+    kind: Kind = "exact",
+    structure: Structure = "full",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     params: Sequence[nn.Parameter] | None = None,
@@ -161,6 +162,7 @@ def fisher(
     column_budget_gb: float | None = None,
     check: bool = True,
     distributed_columns: str = "shard",
+    ignore_index: int = -100,
     **options,
 ) -> Curvature:
     """Fisher information of ``model`` on ``batch`` (one batch or an iterable of batches).
@@ -191,8 +193,10 @@ def fisher(
     passes its shard and gets the curvature of the union of all ranks' data.
 
     Args:
-        model: an ``nn.Module`` of supported layers (``nn.Linear``, ``nn.Conv2d``) and
-            parameter-free modules; its logits must be ``(N, C)``.
+        model: an ``nn.Module``: layers with a rule (:mod:`curvkit.capture.rules`) are captured
+            by hooks, every other parameter by the generic ``torch.func`` route; its logits are
+            ``(N, C)`` or ``(N, …, C)`` (class dimension last, every position a loss term; the
+            Fisher is then the mean per loss term, see :mod:`curvkit.capture.targets`).
         batch: one batch or an iterable of batches (see above).
         targets: data labels of a single batch (needed for ``"empirical"``; with a tuple batch
             ``(x1, x2)`` and ``targets`` the tuple is passed positionally, ``model(x1, x2)``).
@@ -220,7 +224,10 @@ def fisher(
             Woodbury columns stay with their ranks (``"shard"``: memory per rank shrinks,
             products are collective, ``captured`` is ``None``) or are all-gathered
             (``"gather"``: every rank holds all columns and the union ``captured``).
-        **options: structure-specific options (e.g. ``route`` for ``"full"``).
+        ignore_index: classification target value of positions that are no loss term.
+        **options: structure-specific options (e.g. ``route`` for ``"full"``), and for the
+            generic route ``generic_route`` (``"auto"``, ``"vmap"``, ``"loop"``) and
+            ``generic_budget_gb`` (memory limit of its explicit columns).
 
     Returns:
         A :class:`Curvature` with ``@``, ``solve(v, damping)``, ``inverse``, ``logdet``,
@@ -243,9 +250,11 @@ def fisher(
     check_choice(kind, KINDS, "kind")
     check_choice(structure, structures(), "structure")
     params = resolve_params(model, params)
-    layers = find_layers(model, params)
+    layers = find_rules(model, params)
+    extra = {k: options.pop(k) for k in ("generic_route", "generic_budget_gb") if k in options}
     ctx = BuildContext(model, None, None, likelihood, kind, mc_samples, generator, params,
-                       layers, output_fn=output_fn, check=bool(check))
+                       layers, extra, output_fn=output_fn, check=bool(check),
+                       ignore_index=ignore_index)
     op, captured, num_data, info = _data.build(
         ctx, structure, _STRUCTURES[structure], batch, targets, label_key=label_key,
         progress=progress, subsample=subsample, subsample_generator=subsample_generator,
@@ -255,5 +264,7 @@ def fisher(
         op, params, layers, layer_index(params, layers),
         kind=None if structure in _LOSS_FREE else kind, likelihood=likelihood,
         structure=structure, num_data=num_data, captured=captured,
-        info={"rank": getattr(op, "rank", None), **info},
+        info={"rank": getattr(op, "rank", None), **info,
+              **({"num_loss_terms": captured.num_terms}
+                 if captured is not None and captured.num_terms is not None else {})},
     )

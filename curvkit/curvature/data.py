@@ -408,7 +408,8 @@ def _sharded(ctx0, structure: str, cols: _Columns, N: int, options: dict) -> Lin
         raise ValueError("this rank's shard yielded no batch; give every rank at least one")
     ctx = dataclasses.replace(ctx0, inputs=None, targets=None)
     ctx.__dict__["captured"] = cols.captured(ctx0.layers, N)  # local columns at the union's 1/√N
-    factors = layer_factors(ctx, options.get("gram_route", "auto"))
+    # the softmax rank reduction is per input, so each rank reduces its own columns
+    factors = layer_factors(ctx, options.get("gram_route", "auto"), options.get("reduce_rank", False))
     if structure == "full":
         return Woodbury(dd.ShardedFactor(StackedFactor(factors)), route="dual", name="Fisher[full]")
     return BlockDiagonal([Woodbury(dd.ShardedFactor(f), route="dual",

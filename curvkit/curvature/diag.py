@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from curvkit.capture import forward
 from curvkit.curvature.build import BuildContext, register_structure
-from curvkit.linalg import Diagonal, OuterProductFactor
+from curvkit.linalg import Diagonal
 
 __all__ = ["BACKENDS", "capture_diagonal", "backpack_diagonal"]
 
@@ -60,7 +60,8 @@ BACKENDS = ("capture", "backpack")
 def capture_diagonal(ctx: BuildContext) -> Tensor:
     """``diag(F)`` in layer space from curvkit's capture (exact ``diag(G Gᵀ)``)."""
     cap = ctx.captured
-    return torch.cat([OuterProductFactor(a, e).sq_row_norms() for a, e in zip(cap.a, cap.e)])
+    return torch.cat([layer.factor(a, e).sq_row_norms()
+                      for layer, a, e in zip(ctx.layers, cap.a, cap.e)])
 
 
 _LOSSES = {

@@ -23,10 +23,12 @@ def is_distributed() -> bool:
 
 
 def world_size() -> int:
+    """Number of processes of the default ``torch.distributed`` group (1 if not initialised)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
+    """This process's rank in the default ``torch.distributed`` group (0 if not initialised)."""
     return dist.get_rank() if is_distributed() else 0
 
 

@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 
 from curvkit.curvature.build import BuildContext, register_structure
-from curvkit.linalg import BlockDiagonal, LinearOperator, OuterProductFactor, StackedFactor, Woodbury
+from curvkit.linalg import (
+    BlockDiagonal,
+    LinearOperator,
+    LowRankFactor,
+    OuterProductFactor,
+    StackedFactor,
+    Woodbury,
+)
 
 
 def softmax_null_basis(p: Tensor) -> Tensor:
@@ -70,41 +77,52 @@ def reduce_softmax_errors(e: Tensor, p: Tensor) -> Tensor:
     return out.reshape(N * (C - 1), *e.shape[1:])
 
 
-def captured_factors(cap, gram_route: str = "auto", reduce_rank: bool = False
-                     ) -> list[OuterProductFactor]:
-    """One :class:`OuterProductFactor` per layer from captured inputs and errors.
+def captured_factors(cap, layers, gram_route: str = "auto", reduce_rank: bool | str = False
+                     ) -> list[LowRankFactor]:
+    """One factor per layer (given by the layer's rule) from captured inputs and errors.
 
     Args:
         cap: the :class:`~curvkit.capture.Captured` batch.
-        gram_route: see :class:`~curvkit.linalg.OuterProductFactor`.
-        reduce_rank: ``C − 1`` columns per input (exact softmax Fisher; module doc).
+        layers: its layer adapters (each rule turns its ``(a, e)`` into a factor).
+        gram_route: see :class:`~curvkit.linalg.OuterProductFactor` (``"auto"``: the rule's own).
+        reduce_rank: ``C − 1`` columns per input (exact softmax Fisher; module doc); ``"auto"``:
+            exactly when that applies (classification, exact kind, ``(N, C)`` outputs, ``C ≥ 2``).
 
     Returns:
         The per-layer factors of ``G``.
 
     Raises:
-        ValueError: ``reduce_rank`` without ``likelihood='classification'`` and ``kind='exact'``.
+        ValueError: ``reduce_rank`` without ``likelihood='classification'``, ``kind='exact'`` and
+            ``(N, C)`` outputs.
     """
-    if reduce_rank and not (cap.likelihood == "classification" and cap.kind == "exact"):
-        raise ValueError("reduce_rank=True needs likelihood='classification' and kind='exact' "
-                         f"(got {cap.likelihood!r}, {cap.kind!r})")
+    applicable = (cap.likelihood == "classification" and cap.kind == "exact"
+                  and cap.outputs.dim() == 2 and cap.outputs.shape[1] >= 2)
+    if reduce_rank == "auto":
+        reduce_rank = applicable
+    if reduce_rank and not applicable:
+        raise ValueError("reduce_rank=True needs likelihood='classification', kind='exact' and "
+                         f"(N, C) outputs with C ≥ 2 (got {cap.likelihood!r}, {cap.kind!r}, outputs of shape "
+                         f"{tuple(cap.outputs.shape)})")
     p = torch.softmax(cap.outputs.to(torch.float64), dim=1) if reduce_rank else None
-    out = []
-    for a, e in zip(cap.a, cap.e):
+    out: list[LowRankFactor] = []
+    for layer, a, e in zip(layers, cap.a, cap.e):
         if reduce_rank:
             e = reduce_softmax_errors(e.to(torch.float64), p).to(e.dtype)
-        out.append(OuterProductFactor(a, e, gram_route=gram_route))
+        f = layer.factor(a, e)
+        if isinstance(f, OuterProductFactor) and gram_route != "auto":
+            f = OuterProductFactor(a, e, gram_route=gram_route)
+        out.append(f)
     return out
 
 
-def layer_factors(ctx: BuildContext, gram_route: str = "auto", reduce_rank: bool = False
-                  ) -> list[OuterProductFactor]:
-    """One :class:`OuterProductFactor` per layer from the context's capture."""
-    return captured_factors(ctx.captured, gram_route, reduce_rank)
+def layer_factors(ctx: BuildContext, gram_route: str = "auto", reduce_rank: bool | str = False
+                  ) -> list[LowRankFactor]:
+    """One factor per layer from the context's capture (see :func:`captured_factors`)."""
+    return captured_factors(ctx.captured, ctx.layers, gram_route, reduce_rank)
 
 
 def lowrank_operator(cap, layers, structure: str, route: str = "auto", gram_route: str = "auto",
-                     reduce_rank: bool = False) -> LinearOperator:
+                     reduce_rank: bool | str = False) -> LinearOperator:
     """The ``"full"`` (one Woodbury) or ``"block_diag"`` (one per layer) layer-space operator.
 
     Args:
@@ -116,7 +134,7 @@ def lowrank_operator(cap, layers, structure: str, route: str = "auto", gram_rout
     Returns:
         The operator ``G Gᵀ`` (or its block diagonal).
     """
-    factors = captured_factors(cap, gram_route, reduce_rank)
+    factors = captured_factors(cap, layers, gram_route, reduce_rank)
     if structure == "full":
         return Woodbury(StackedFactor(factors), route=route, name="Fisher[full]")
     return BlockDiagonal([Woodbury(f, route=route, name=f"Fisher[block {l.name}]")
@@ -132,7 +150,7 @@ def _check_options(structure: str, options: dict, allowed: tuple[str, ...]) -> N
 
 @register_structure("full")
 def build_full(ctx: BuildContext, route: str = "auto", gram_route: str = "auto",
-               reduce_rank: bool = False, **options) -> Woodbury:
+               reduce_rank: bool | str = False, **options) -> Woodbury:
     """Full subsampled Fisher ``G Gᵀ`` (Woodbury; ``route``: auto/cost/dual/primal)."""
     _check_options("full", options, ())
     return lowrank_operator(ctx.captured, ctx.layers, "full", route, gram_route, reduce_rank)
@@ -140,7 +158,7 @@ def build_full(ctx: BuildContext, route: str = "auto", gram_route: str = "auto",
 
 @register_structure("block_diag")
 def build_block_diag(ctx: BuildContext, route: str = "auto", gram_route: str = "auto",
-                     reduce_rank: bool = False, **options) -> BlockDiagonal:
+                     reduce_rank: bool | str = False, **options) -> BlockDiagonal:
     """Block-diagonal subsampled Fisher ``blockdiag_l(G_l G_lᵀ)`` (per-layer Woodbury)."""
     _check_options("block_diag", options, ())
     return lowrank_operator(ctx.captured, ctx.layers, "block_diag", route, gram_route, reduce_rank)

@@ -16,19 +16,18 @@ from curvkit.capture import (
     as_logits,
     batch_size,
     forward,
-    layer_errors,
-    record,
     slice_inputs,
 )
+from curvkit.capture.batch import capture_columns
 from curvkit.capture.targets import check_targets
-from curvkit.linalg import OuterProductFactor
+from curvkit.linalg import LowRankFactor
 
 __all__ = ["output_jacobian_factors", "check_targets", "LABEL_KEY", "as_logits", "batch_size",
            "forward", "slice_inputs"]
 
 
 def output_jacobian_factors(model: torch.nn.Module, x, layers: list[LayerAdapter], output_fn=None
-                            ) -> tuple[Tensor, list[OuterProductFactor]]:
+                            ) -> tuple[Tensor, list[LowRankFactor]]:
     """Per-layer factors whose column ``m = n·C + c`` is ``∂f_c(x_n)/∂W̃_l`` (layer layout).
 
     Args:
@@ -36,18 +35,16 @@ def output_jacobian_factors(model: torch.nn.Module, x, layers: list[LayerAdapter
             layers; output_fn: maps the model output to the logits (default: it or ``.logits``).
 
     Returns:
-        ``(outputs (N, C) detached, [OuterProductFactor per layer])``.
+        ``(outputs (N, C) detached, [the layer rule's factor per layer])``.
 
     Raises:
         ValueError: the model output is not a 2-D tensor.
     """
-    with torch.enable_grad(), record(layers, keep_outputs=True) as rec:
-        out = forward(model, x, output_fn)
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            raise ValueError(f"the model output must be a 2-D tensor (N, C), got "
-                             f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
-        rec.check_complete(layers)
+    def unit_seeds(out: Tensor) -> Tensor:
+        if out.dim() != 2:
+            raise ValueError(f"the model output must be a 2-D tensor (N, C), got {tuple(out.shape)}")
         N, C = out.shape
-        seeds = torch.eye(C, dtype=out.dtype, device=out.device).expand(N, C, C)
-        errors = layer_errors(out, rec, layers, seeds)
-    return out.detach(), [OuterProductFactor(a, e) for a, e in zip(rec.inputs, errors)]
+        return torch.eye(C, dtype=out.dtype, device=out.device).expand(N, C, C)
+
+    out, a, e, _ = capture_columns(model, x, layers, unit_seeds, output_fn=output_fn)
+    return out, [layer.factor(ai, ei) for layer, ai, ei in zip(layers, a, e)]

@@ -60,10 +60,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvkit.capture import LayerAdapter, capture_inputs
+from curvkit.capture import LayerAdapter, UnsupportedLayerError, capture_inputs
 from curvkit.curvature.base import Curvature
 from curvkit.curvature.build import BuildContext, register_structure
 from curvkit.linalg import BlockDiagonal, Kronecker
+from curvkit.linalg.operator import check_memory
 
 __all__ = [
     "KFACFactors", "KroneckerBlockDiagonal", "input_factor", "output_factor", "location_gram",
@@ -217,14 +218,26 @@ def _forward_inputs(ctx: BuildContext) -> list[Tensor]:
                           output_fn=ctx.output_fn)
 
 
+def _without_kronecker(ctx: BuildContext) -> list:
+    return [layer for layer in ctx.layers if not layer.kronecker]
+
+
 @register_structure("kfac")
 def build_kfac(ctx: BuildContext, **options) -> KroneckerBlockDiagonal:
     """KFAC: ``blockdiag_l(B̂_l ⊗ Â_l)`` with ``Â``, ``B̂`` as in the module docstring.
 
     One forward pass and the backward seeds of the chosen Fisher kind (``C`` for exact, ``S`` for
     mc, one for empirical); only the ``d × d`` factors are kept.
+
+    A layer without a Kronecker form (norm layers' affine parameters, the generic route) gives
+    its per-sample gradients explicitly (``a = 1``): its block is then ``B̂ ⊗ [1]`` with
+    ``B̂ = G_l G_lᵀ``, the *exact* Fisher block (dense ``P_l × P_l``; refused with a GB estimate
+    when it does not fit).
     """
     _check_no_options("kfac", options)
+    for layer in _without_kronecker(ctx):
+        check_memory(2 * layer.size**2 * 8, f"the exact KFAC block of layer {layer.describe()} "
+                     f"({layer.size} parameters without a Kronecker form)", ctx.params[0].device)
     cap = ctx.captured
     N = cap.num_data
     factors = KFACFactors(
@@ -239,8 +252,22 @@ def build_kfac(ctx: BuildContext, **options) -> KroneckerBlockDiagonal:
 
 @register_structure("foof", uses_loss=False)
 def build_foof(ctx: BuildContext, **options) -> KroneckerBlockDiagonal:
-    """FOOF: ``blockdiag_l(I ⊗ Â_l)`` from one forward pass (the Fisher ``kind`` is ignored)."""
+    """FOOF: ``blockdiag_l(I ⊗ Â_l)`` from one forward pass (the Fisher ``kind`` is ignored).
+
+    Raises:
+        UnsupportedLayerError: a selected parameter has no Kronecker form (FOOF's ``Â`` needs
+            layer inputs); the message lists those layers.
+    """
     _check_no_options("foof", options)
+    bad = _without_kronecker(ctx)
+    if bad:
+        names = ", ".join(layer.describe() for layer in bad[:8])
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise UnsupportedLayerError(
+            f"structure='foof' needs a Kronecker form (layer inputs) for every layer; these have "
+            f"none: {names}{more}. Use structure='kfac' (exact blocks for them), 'full', "
+            "'block_diag' or 'diag', or freeze their parameters (params=[...])."
+        )
     a = _forward_inputs(ctx)
     N = ctx.num_data
     factors = KFACFactors(

@@ -46,12 +46,14 @@ from curvkit.curvature.jacobian import (
     slice_inputs,
 )
 from curvkit.laplace import saving, tuning
+from curvkit.laplace.arguments import check_arguments
 from curvkit.laplace.evidence import laplace_evidence, log_likelihood_terms, use_eigenvalues
 from curvkit.laplace.predictive import LINK_APPROX, PRED_TYPES, glm_predictive, nn_predictive
 from curvkit.laplace.prior import PriorPrecision
 from curvkit.linalg import BlockDiagonal, LinearOperator, ScaledFactor, StackedFactor, Woodbury
 from curvkit.linalg.lowrank import CHUNK_BYTES
 from curvkit.linalg.operator import DampingError
+from curvkit.typing import Kind, Likelihood, Structure
 
 LOWRANK_STRUCTURES = ("full", "block_diag")
 
@@ -107,9 +109,9 @@ class LaplacePosterior:
         model: nn.Module,
         inputs: Tensor,
         targets: Tensor | None = None,
-        likelihood: str = "classification",
-        kind: str = "exact",
-        structure: str = "full",
+        likelihood: Likelihood = "classification",
+        kind: Kind = "exact",
+        structure: Structure = "full",
         prior_precision=1.0,
         num_data: int | None = None,
         *,
@@ -125,25 +127,13 @@ class LaplacePosterior:
         fisher_options: dict | None = None,
     ) -> None:
         single = is_single_batch(inputs)
-        if isinstance(inputs, Tensor) and (inputs.dim() == 0 or inputs.shape[0] == 0):
-            raise ValueError("LaplacePosterior: the batch is empty (inputs.shape[0] == 0); pass at "
-                             "least one input to build the Fisher on")
-        if isinstance(inputs, Tensor) and targets is not None and (
-                not isinstance(targets, Tensor) or targets.shape[0] != inputs.shape[0]):
-            got = targets.shape[0] if isinstance(targets, Tensor) else type(targets).__name__
-            raise ValueError(f"targets must be a Tensor with {inputs.shape[0]} rows (one per input), "
-                             f"got {got}")
-        if route not in ("auto", "dual", "primal"):
-            raise ValueError(f"route must be 'auto', 'dual' or 'primal', got {route!r}")
-        if reduce_rank not in ("auto", True, False):
-            raise ValueError(f"reduce_rank must be 'auto', True or False, got {reduce_rank!r}")
-        if num_data is not None and (isinstance(num_data, bool)
-                                     or not isinstance(num_data, (int, np.integer)) or num_data < 1):
-            raise ValueError(f"num_data must be a positive int (the training-set size), got {num_data!r}")
+        check_arguments(inputs, targets, route, reduce_rank, num_data)
         if curvature is None:
             opts = dict(fisher_options or {})
             if not single and structure in LOWRANK_STRUCTURES and route != "auto":
                 opts.setdefault("route", route)
+            if not single and structure in LOWRANK_STRUCTURES and reduce_rank is not False:
+                opts.setdefault("reduce_rank", reduce_rank)  # kept by sharded (distributed) columns
             curvature = fisher(model, inputs, targets, likelihood=likelihood, kind=kind,
                                structure=structure, mc_samples=mc_samples, generator=generator,
                                params=params, output_fn=output_fn, label_key=label_key,
@@ -198,9 +188,9 @@ class LaplacePosterior:
             return reroute(op)
         if self.structure not in LOWRANK_STRUCTURES:
             return op
-        applicable = cap.likelihood == "classification" and cap.kind == "exact"
-        reduce = self.reduce_rank is True or (self.reduce_rank == "auto" and applicable
-                                              and cap.outputs.shape[1] >= 2)
+        applicable = (cap.likelihood == "classification" and cap.kind == "exact"
+                      and cap.outputs.dim() == 2 and cap.outputs.shape[1] >= 2)
+        reduce = self.reduce_rank is True or (self.reduce_rank == "auto" and applicable)
         return lowrank_operator(cap, self.layers, self.structure, route, reduce_rank=reduce)
 
     def _woodbury_blocks(self) -> list[Woodbury]:

@@ -35,10 +35,10 @@ def probit(f_mean: Tensor, f_var: Tensor, likelihood: str) -> Tensor:
     Args:
         f_mean: ``(N, C)``.
         f_var: ``(N, C, C)`` functional covariance (only its diagonal is used).
-        likelihood: ``"classification"`` or ``"binary"``.
+        likelihood: ``"binary"`` (elementwise sigmoid) or a softmax likelihood.
 
     Returns:
-        ``(N, C)`` probabilities.
+        ``(N, C)`` approximate predictive probabilities.
     """
     kappa = torch.rsqrt(1.0 + math.pi / 8.0 * f_var.diagonal(dim1=1, dim2=2).clamp_min(0.0))
     z = kappa * f_mean

@@ -33,7 +33,8 @@ def load(post, s: dict) -> None:
     """Restore ``s`` into ``post`` (same model and structure).
 
     Args:
-        post: the posterior; s: a :func:`state`.
+        post: the posterior to restore into.
+        s: a :func:`state` of a posterior with the same model and structure.
 
     Raises:
         ValueError: the state is of another version, structure or parameter count.

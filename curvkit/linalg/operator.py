@@ -24,12 +24,15 @@ damping sign and shape, memory) done once.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
+
+from curvkit.typing import DampingMode
 
 Vector = Tensor | list[Tensor] | tuple[Tensor, ...]
 Damping = float | Tensor
@@ -89,7 +92,7 @@ class LinearOperator:
     def _matmat(self, X: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _solve(self, X: Tensor, damping: float, damping_mode: str) -> Tensor:
+    def _solve(self, X: Tensor, damping: Damping, damping_mode: str) -> Tensor:
         raise NotImplementedError(
             f"{self.name} has no solve; use to_dense() and torch.linalg.solve, or a structure "
             "with a factorised inverse"
@@ -262,7 +265,7 @@ class LinearOperator:
             raise ValueError(f"damping_mode={damping_mode!r} is not available for {self.name}; it "
                              f"supports {list(self.damping_modes)}")
 
-    def solve(self, v: Vector, damping: Damping = 0.0, damping_mode: str = "exact") -> Vector:
+    def solve(self, v: Vector, damping: Damping = 0.0, damping_mode: DampingMode = "exact") -> Vector:
         """``(A + D)⁻¹ v`` for ``v`` in any vector format; same format back.
 
         Args:
@@ -382,14 +385,14 @@ class LinearOperator:
             raise ValueError(f"group sizes sum to {sum(sizes)}, expected {self.shape[0]}")
         return self._logdet_function(sizes)
 
-    def inverse(self, damping: Damping = 0.0, damping_mode: str = "exact") -> LinearOperator:
+    def inverse(self, damping: Damping = 0.0, damping_mode: DampingMode = "exact") -> LinearOperator:
         """The operator ``(A + D)⁻¹`` (applied through :meth:`solve`)."""
         self._check_mode(damping_mode)
         from curvkit.linalg.compose import InverseOperator
 
         return InverseOperator(self, self._check_damping(damping), damping_mode)
 
-    def factorize(self, damping: float = 0.0, damping_mode: str = "exact") -> LinearOperator:
+    def factorize(self, damping: Damping = 0.0, damping_mode: DampingMode = "exact") -> LinearOperator:
         """Precompute what ``solve(·, damping, damping_mode)`` needs (else done at the first solve).
 
         Returns ``self``, so ``F.factorize(λ).solve(v, λ)`` chains.
@@ -467,20 +470,29 @@ class LinearOperator:
 
 
 def available_memory_bytes(device: torch.device | str = "cpu") -> int:
-    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable`` or total RAM)."""
+    """Free memory on ``device`` in bytes.
+
+    CUDA: ``torch.cuda.mem_get_info``. CPU: ``psutil.virtual_memory().available`` when psutil is
+    installed (it is in every extra), else the free physical pages from
+    ``os.sysconf`` (which leave out reclaimable caches, so memory checks err on the safe side).
+
+    Raises:
+        RuntimeError: If neither psutil nor ``os.sysconf`` can tell (``pip install psutil``).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (AttributeError, ValueError, OSError) as err:
+        raise RuntimeError("cannot determine the available memory on this system; "
+                           "pip install psutil") from err
 
 
 def _gb(nbytes: float) -> str:

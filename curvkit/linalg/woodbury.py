@@ -233,6 +233,7 @@ class Woodbury(LinearOperator):
             raise ValueError(f"{self.name}: a per-parameter damping must be > 0 everywhere "
                              "(U Uᵀ is singular)")
         R = damping.rsqrt()
+        core: tuple
         if self.route == "primal":
             core = (R, None, damped_cholesky(self.dense64(), damping, name=self.name), 1.0)
         else:

@@ -171,12 +171,7 @@ class CurvatureOptimizer(Optimizer):
     @staticmethod
     def layer_params(layer: LayerAdapter) -> list[nn.Parameter]:
         """The selected parameters of ``layer``: weight first, then bias."""
-        out = []
-        if layer.weight:
-            out.append(layer.module.weight)
-        if layer.bias:
-            out.append(layer.module.bias)
-        return out
+        return layer.parameters()
 
     def param_name(self, p: Tensor) -> str:
         return self._names.get(id(p), "<unnamed>")

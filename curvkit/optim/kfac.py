@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -15,12 +15,13 @@ from curvkit.curvature.streaming import LIKELIHOODS, ErrorRecorder, check_choice
 from curvkit.linalg import Kronecker
 from curvkit.linalg.kronecker import KroneckerInverse
 from curvkit.optim.factored import FactoredOptimizer, Plan, norm_ratio
+from curvkit.typing import DampingMode, Kind, Likelihood
 
 #: KFAC's damping modes: the paper's heuristic (factored Tikhonov, eq 2) and the exact ("standard")
 #: damping ``(B̂ ⊗ Â + λI)⁻¹`` (eq 3); the name ``"exact"`` is the one every curvkit solve uses.
 DAMPING_MODES = ("heuristic", "exact")
 #: Deprecated spellings of :data:`DAMPING_MODES` entries.
-DAMPING_ALIASES = {"standard": "exact"}
+DAMPING_ALIASES: dict[str, DampingMode] = {"standard": "exact"}
 KFAC_KINDS = ("mc", "exact")
 VARIANTS = ("kfac", "foof")
 RESCALES = (None, "lambda_b", "norm")
@@ -116,9 +117,9 @@ class KFAC(FactoredOptimizer):
         model: nn.Module,
         lr: float,
         damping: float,
-        likelihood: str = "classification",
-        kind: str = "mc",
-        damping_mode: str = "heuristic",
+        likelihood: Likelihood = "classification",
+        kind: Kind = "mc",
+        damping_mode: DampingMode | Literal["standard"] = "heuristic",
         ema_decay: float = 0.95,
         inv_period: int = 100,
         ema_steps: int | None = None,

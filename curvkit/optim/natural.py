@@ -20,6 +20,7 @@ from curvkit.curvature.streaming import (
 )
 from curvkit.linalg import BlockDiagonal, OuterProductFactor, StackedFactor, Woodbury
 from curvkit.optim.base import CurvatureOptimizer, check_int, is_distributed
+from curvkit.typing import Kind, Likelihood, Structure
 
 STRUCTURES = ("full", "block_diag")
 FISHER_BATCHES = ("independent", "same")
@@ -94,9 +95,9 @@ class NaturalGradient(CurvatureOptimizer):
         model: nn.Module,
         lr: float,
         damping: float,
-        likelihood: str = "classification",
-        kind: str = "mc",
-        structure: str = "full",
+        likelihood: Likelihood = "classification",
+        kind: Kind = "mc",
+        structure: Structure = "full",
         fisher_batch: str = "independent",
         inv_period: int = 1,
         momentum: float = 0.0,

@@ -116,7 +116,8 @@ def assert_operator_matches(
     Args:
         op: the operator under test.
         dense: the ``(P, P)`` ground truth (any float dtype; used in float64).
-        rtol, atol: tolerances of products / dense / diagonal comparisons.
+        rtol: relative tolerance of products / dense / diagonal comparisons.
+        atol: absolute tolerance of the same comparisons.
         damping: ``λ ≥ 0`` for the solve / inverse / logdet checks (skipped if ``None``).
         solve_rtol: relative residual bound for solves (float32 operators: about ``1e-5``).
         generator: source of the random vectors (default: a fresh one seeded with 0).

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from curvkit.typing import Kind, Likelihood
+
 LIKELIHOODS = ("classification", "regression", "binary")
 KINDS = ("exact", "empirical", "mc")
 
@@ -170,10 +172,12 @@ def per_sample_loss_gradients(
     """Per-sample gradients ``g_n = ∇_θ [−log p(y_n | f(x_n; θ))]`` (not divided by ``N``).
 
     Args:
-        model, inputs, params: as in :func:`per_sample_jacobians`.
+        model: as in :func:`per_sample_jacobians`.
+        inputs: as in :func:`per_sample_jacobians`.
         targets: ``(N,)`` int64 class indices (classification); ``(N, C)`` float (regression);
             float in ``{0, 1}`` shaped like the outputs (binary).
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"`` (see module doc).
+        params: as in :func:`per_sample_jacobians`.
 
     Returns:
         ``(N, P)`` in the model's dtype, flattened and ordered like :func:`per_sample_jacobians`.
@@ -203,8 +207,8 @@ def dense_fisher(
     inputs: Tensor,
     targets: Tensor | None = None,
     *,
-    likelihood: str = "classification",
-    kind: str = "exact",
+    likelihood: Likelihood = "classification",
+    kind: Kind = "exact",
     params: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """The explicit ``(P, P)`` Fisher, in float64, normalised by the number of inputs ``N``.
