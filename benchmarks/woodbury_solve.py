@@ -235,7 +235,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"MLP {'-'.join(map(str, widths))} (no bias), P = {P:,}, kind='mc', λ = {lam:g}, float32, "
           f"{torch.get_num_threads()} threads, {args.train_steps} training steps"
           + (f" (loss {train_loss:.3f})" if train_loss is not None else ""), flush=True)
-    rows = []
+    rows: list[dict] = []
+    result = {
+        "benchmark": "woodbury_solve", "widths": widths, "damping": lam, "kind": "mc", "dtype": "float32",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "train_steps": args.train_steps,
+        "train_loss": train_loss, "rounds": args.rounds, "inner": args.inner,
+        "machine": platform.processor() or platform.machine(), "capture_guard": has_check, "rows": rows,
+    }
+
+    def save() -> None:  # after every N, so a long run keeps what it measured
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+
     for N in ns:
         row: dict = {"N": N, "P": P, "accuracy": []}
         for s in args.seeds:
@@ -254,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"float32 products {a['float32_products']:.2e}", flush=True)
         if args.no_timing:
             rows.append(row)
+            save()
             continue
         # timing on the first seed's batch
         g_ = torch.Generator().manual_seed(args.seeds[0])
@@ -304,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["cg"] = cg
             row["ratios"]["cg/solve"] = ratio_stats(times["cg"], times["solve"])
         rows.append(row)
+        save()
         rt = row["ratios"]
 
         def fmt(k):
@@ -318,16 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"       CG: {cg['iterations']} matvecs, residual {cg['residual']:.2e} "
                   f"({'reached' if cg['reached'] else 'plateau; target'} {cg['target']:.2e}), "
                   f"CG ÷ solve {rt['cg/solve']['median']:.0f} (min {rt['cg/solve']['min']:.0f})", flush=True)
-    result = {
-        "benchmark": "woodbury_solve", "widths": widths, "damping": lam, "kind": "mc", "dtype": "float32",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "train_steps": args.train_steps,
-        "train_loss": train_loss, "rounds": args.rounds, "inner": args.inner,
-        "machine": platform.processor() or platform.machine(), "capture_guard": has_check, "rows": rows,
-    }
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
         print(f"wrote {args.out}")
     return result
 
