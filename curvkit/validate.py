@@ -46,6 +46,7 @@ from curvkit.curvature import Curvature, fisher
 from curvkit.curvature import structures as registered_structures
 from curvkit.curvature.data import is_single_batch, iter_batches
 from curvkit.curvature.kfac import KroneckerBlockDiagonal, factors_of, input_factor
+from curvkit.curvature.layout import BlockLayout
 from curvkit.curvature.streaming import (
     KINDS,
     LIKELIHOODS,
@@ -212,9 +213,11 @@ def _gradient(model: nn.Module, inputs, targets: Tensor | None, likelihood: str,
 
 def _layer_blocks(F: Curvature, x: Tensor) -> list[Tensor]:
     """Flat parameter-space vector -> per-layer ``[W | b]`` blocks ``(d_out, d_in)`` (float64)."""
-    y = F.to_layer_space(x.reshape(-1, 1))[:, 0].to(torch.float64)
-    return [blk.reshape(layer.d_out, layer.d_in)
-            for layer, blk in zip(F.layers, y.split([layer.size for layer in F.layers]))]
+    sizes = [p.numel() for p in F.params]
+    parts = {id(p): t.reshape(p.shape)
+             for p, t in zip(F.params, x.reshape(-1).to(torch.float64).split(sizes))}
+    return [BlockLayout.of(layer).block([parts[id(p)] for p in layer.parameters()])
+            for layer in F.layers]
 
 
 def _cos(a: Tensor, b: Tensor) -> float:

@@ -260,11 +260,73 @@ def fisher(
         progress=progress, subsample=subsample, subsample_generator=subsample_generator,
         column_budget_gb=column_budget_gb, options=options,
         distributed_columns=distributed_columns)
+    return _snapshot(op, ctx, structure, captured, num_data, info)
+
+
+def _snapshot(op: LinearOperator, ctx: BuildContext, structure: str, captured: Captured | None,
+              num_data: int, info: dict) -> Curvature:
+    """The :class:`Curvature` of a layer-space operator built from ``ctx``."""
     return Curvature(
-        op, params, layers, layer_index(params, layers),
-        kind=None if structure in _LOSS_FREE else kind, likelihood=likelihood,
+        op, ctx.params, ctx.layers, layer_index(ctx.params, ctx.layers),
+        kind=None if structure in _LOSS_FREE else ctx.kind, likelihood=ctx.likelihood,
         structure=structure, num_data=num_data, captured=captured,
         info={"rank": getattr(op, "rank", None), **info,
               **({"num_loss_terms": captured.num_terms}
                  if captured is not None and captured.num_terms is not None else {})},
     )
+
+
+def from_captured(
+    model: nn.Module,
+    a: Sequence[Tensor],
+    e: Sequence[Tensor],
+    *,
+    num_data: int,
+    likelihood: Likelihood = "classification",
+    kind: Kind = "exact",
+    structure: Structure = "full",
+    params: Sequence[nn.Parameter] | None = None,
+    **options,
+) -> Curvature:
+    """The Curvature of stored per-layer inputs ``a`` and errors ``e``, through the same builder.
+
+    For a capture kept from an earlier :func:`fisher` call (``F.captured.a``, ``F.captured.e``),
+    e.g. an optimizer's state dict: the registered ``structure`` builder runs on them as if it
+    had captured them, so the operator is the one :func:`fisher` returns (``"full"``:
+    ``Woodbury`` on the stacked layer factors; ``"block_diag"``: one per layer; ``"kfac"``:
+    ``B̂ ⊗ Â`` of the stored pair), with no forward or backward pass. ``F = G Gᵀ`` with column
+    ``m = n·R + r`` of ``G`` restricted to layer ``l`` equal to ``vec_r(Σ_t e_{mt} a_{nt}ᵀ)``
+    (Benzing 2022, App. E), the Fisher scaling already folded into ``e``.
+
+    Args:
+        model: the network the pair was captured from (its layers give the layout).
+        a: per layer, inputs ``(N, T, d_in)``, in the layer order of :func:`fisher`.
+        e: per layer, errors ``(N·R, T, d_out)``.
+        num_data: ``N``, the number of data of the mean Fisher.
+        likelihood: the likelihood the pair was captured with.
+        kind: the Fisher kind the pair was captured with.
+        structure: a registered structure that reads only ``ctx.captured``.
+        params: the parameters (default: all with ``requires_grad``), as in :func:`fisher`.
+        **options: structure options (e.g. ``route``).
+
+    Returns:
+        The :class:`Curvature`, with ``captured`` holding the pair.
+
+    Raises:
+        ValueError: the pair does not match the layers (count) or an unknown choice.
+    """
+    check_choice(likelihood, LIKELIHOODS, "likelihood")
+    check_choice(kind, KINDS, "kind")
+    check_choice(structure, structures(), "structure")
+    params = resolve_params(model, params)
+    layers = find_rules(model, params)
+    if len(a) != len(layers) or len(e) != len(layers):
+        raise ValueError(f"from_captured: {len(a)} inputs and {len(e)} errors for {len(layers)} "
+                         "layers; pass F.captured.a and F.captured.e of a fisher() call on this "
+                         "model and params")
+    ctx = BuildContext(model, None, None, likelihood, kind, 1, None, params, layers)
+    captured = Captured(layers, list(a), list(e), outputs=a[0].new_empty(int(num_data), 0),
+                        sampled=None, kind=kind, likelihood=likelihood)
+    ctx.__dict__["captured"] = captured  # the cached property: no capture runs
+    op = _STRUCTURES[structure](ctx, **options)
+    return _snapshot(op, ctx, structure, captured, int(num_data), {})

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from curvkit.curvature.layout import BlockLayout
 from curvkit.curvature.streaming import LayerAdapter, check_eager, find_layers
 
 #: Per-group hyperparameters every curvkit optimizer accepts.
@@ -179,25 +180,16 @@ class CurvatureOptimizer(Optimizer):
     # ------------------------------------------------------------------ layer matrices
     @staticmethod
     def to_matrix(layer: LayerAdapter, tensors: list[Tensor]) -> Tensor:
-        """``[W | b]`` as a ``(d_out, d_in)`` matrix from tensors shaped like the layer params."""
-        cols = []
-        i = 0
-        if layer.weight:
-            cols.append(tensors[i].reshape(layer.d_out, -1))
-            i += 1
-        if layer.bias:
-            cols.append(tensors[i].reshape(layer.d_out, 1))
-        return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+        """``[W | b]`` as a ``(d_out, d_in)`` matrix from tensors shaped like the layer params.
+
+        One conversion for every application: :meth:`curvkit.curvature.layout.BlockLayout.block`.
+        """
+        return BlockLayout.of(layer).block(tensors)
 
     @staticmethod
     def from_matrix(layer: LayerAdapter, M: Tensor) -> list[Tensor]:
-        """Inverse of :meth:`to_matrix`."""
-        out = []
-        if layer.weight:
-            out.append(M[:, : layer.d_w].reshape(layer.module.weight.shape))
-        if layer.bias:
-            out.append(M[:, -1].reshape(layer.module.bias.shape))
-        return out
+        """Inverse of :meth:`to_matrix` (:meth:`curvkit.curvature.layout.BlockLayout.split`)."""
+        return BlockLayout.of(layer).split(M)
 
     # ------------------------------------------------------------------ gradients and momentum
     def _gradients(self) -> dict[int, Tensor | None]:

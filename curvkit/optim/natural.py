@@ -9,16 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.curvature import Curvature, fisher
-from curvkit.curvature.build import layer_index
+from curvkit.curvature.build import from_captured
 from curvkit.curvature.streaming import (
     KINDS,
     LIKELIHOODS,
     CheckSchedule,
     InputRecorder,
     check_choice,
-    find_layers,
 )
-from curvkit.linalg import BlockDiagonal, OuterProductFactor, StackedFactor, Woodbury
 from curvkit.optim.base import CurvatureOptimizer, check_int, is_distributed
 from curvkit.typing import Kind, Likelihood, Structure
 
@@ -210,22 +208,12 @@ class NaturalGradient(CurvatureOptimizer):
             self.inputs.enabled = was
 
     def _rebuild(self, state: list[dict[str, Any]]) -> list[Curvature]:
-        """The Fishers from stored per-layer factors (``load_state_dict``): the same linalg
-        composition as ``curvkit.fisher`` (``"full"``: one Woodbury on the stacked layer factors;
-        ``"block_diag"``: one Woodbury per layer)."""
-        out = []
-        for ps, st in zip(self._fisher_sets(), state):
-            layers = find_layers(self.model, ps)
-            factors = [OuterProductFactor(a, e) for a, e in zip(st["a"], st["e"])]
-            if self.structure == "full":
-                op = Woodbury(StackedFactor(factors), name="Fisher[full]")
-            else:
-                op = BlockDiagonal([Woodbury(f, name=f"Fisher[block {l.name}]")
-                                    for f, l in zip(factors, layers)], name="Fisher[block_diag]")
-            out.append(Curvature(op, ps, layers, layer_index(ps, layers), kind=self.kind,
-                                 likelihood=self.likelihood, structure=self.structure,
-                                 num_data=st["num_data"]))
-        return out
+        """The Fishers from stored per-layer factors (``load_state_dict``), built by the same
+        structure builder as ``curvkit.fisher`` (:func:`curvkit.curvature.build.from_captured`)."""
+        return [from_captured(self.model, st["a"], st["e"], num_data=st["num_data"],
+                              likelihood=self.likelihood, kind=self.kind,
+                              structure=self.structure, params=ps)
+                for ps, st in zip(self._fisher_sets(), state)]
 
     # ------------------------------------------------------------------ the step
     def _plan(self, inputs: Tensor | None, targets: Tensor | None) -> dict[str, Any]:

@@ -1,0 +1,346 @@
+"""The :class:`EWC` object: configuration, consolidation, the penalty, memory and state.
+
+The math (Benzing 2022, App. C.2) is in the package docstring (:mod:`curvkit.ewc`); the stored
+Fisher forms in :mod:`curvkit.ewc.terms`, the parameter layout in :mod:`curvkit.ewc.layout`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.curvature import fisher, structures
+from curvkit.curvature.streaming import KINDS, LIKELIHOODS
+from curvkit.ewc.layout import ParameterLayout
+from curvkit.ewc.terms import Term, term_of
+from curvkit.typing import Kind, Likelihood, Structure
+
+__all__ = ["EWC"]
+
+_STATE_VERSION = 2
+
+
+class EWC:
+    """EWC penalty ``(κ/2) Σ_t (θ − θ*_t)ᵀ F_t (θ − θ*_t)`` with a curvkit Fisher per task.
+
+    See :mod:`curvkit.ewc` for the math (Benzing 2022, App. C.2), the Fisher normalisation (mean
+    Fisher, ``1/N``), the online variant and the memory formula.
+
+    Example::
+
+        ewc = EWC(model, strength=100.0, structure="full", kind="mc")
+        for task in tasks:
+            train(model, task, extra_loss=ewc.penalty if ewc.num_tasks else None)
+            ewc.consolidate(task.x[:200], task.y[:200])
+
+    Args:
+        model: the network (supported layers: those of :func:`curvkit.fisher`).
+        strength: ``κ ≥ 0``; the penalty is ``(κ/2) Δᵀ F Δ`` with the mean Fisher ``F``.
+        kind: Fisher kind, ``"exact"``, ``"mc"`` or ``"empirical"``.
+        structure: any registered structure (:func:`curvkit.structures`): ``"full"`` (stored
+            per-layer inputs and errors, exact subsampled Fisher), ``"kfac"``, ``"diag"``,
+            ``"block_diag"``, ...
+        likelihood: default likelihood of :meth:`consolidate` (``"classification"``,
+            ``"regression"``, ``"binary"``).
+        mc_samples: ``S`` for ``kind="mc"``.
+        generator: ``torch.Generator`` for MC label sampling.
+        decay: ``None`` for one anchor and Fisher per task; ``γ ∈ [0, 1]`` for online EWC
+            (``F̃ ← γ F̃ + F_new``, anchor = latest consolidation).
+        params: the parameters to protect (default: all with ``requires_grad`` at construction).
+            They are remembered by name, so :meth:`penalty` always uses the model's current
+            tensors.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: bad ``strength``, ``kind``, ``structure``, ``likelihood``, ``decay`` or
+            ``params``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strength: float = 100.0,
+        *,
+        kind: Kind = "exact",
+        structure: Structure = "full",
+        likelihood: Likelihood = "classification",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        decay: float | None = None,
+        params: Sequence[nn.Parameter] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"EWC needs an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.strength = strength
+        _check_config(kind, likelihood, structure, mc_samples, decay)
+        self.kind, self.structure, self.likelihood = kind, structure, likelihood
+        self.mc_samples, self.generator = mc_samples, generator
+        self.decay = None if decay is None else float(decay)
+        self.layout = ParameterLayout(model, params)
+        self.num_tasks = 0
+        self._anchors: list[list[Tensor]] = []
+        self._terms: list[Term] = []
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def strength(self) -> float:
+        """``κ``, the multiplier of ``½ Δᵀ F Δ`` (settable; must be finite and ≥ 0)."""
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        if isinstance(value, Tensor):
+            value = float(value)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"EWC strength must be a finite number ≥ 0, got {value!r}")
+        self._strength = float(value)
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names (in ``model.named_parameters()``) of the protected parameters."""
+        return self.layout.names
+
+    # ------------------------------------------------------------------ consolidate
+    def consolidate(
+        self,
+        inputs: Any,
+        targets: Tensor | None = None,
+        *,
+        likelihood: Likelihood | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        """Store ``θ*`` and the Fisher of ``(inputs, targets)`` at the current parameters.
+
+        Call after training on a task. The Fisher is built by :func:`curvkit.fisher` with the
+        ``kind``, ``structure``, ``mc_samples`` and ``generator`` given at construction; for
+        ``"full"`` only its per-layer inputs ``ã (N, T, d_in)`` and errors ``ẽ (N·R, T, d_out)``
+        are kept. Pass a subsample of the task's data to bound the memory (``N`` inputs).
+        Put the model in ``eval()`` mode first if it has dropout / batch-norm.
+
+        Args:
+            inputs: the consolidation batch ``(N, ...)`` (tensor, tuple or dict as in
+                :func:`curvkit.fisher`), or an iterable of batches (a ``DataLoader``): then
+                ``F_t`` is the Fisher of the union of all batches (all ``N`` data; with
+                ``torch.distributed`` the union of every rank's shard).
+            targets: data labels (needed for ``kind="empirical"``); with an iterable, in its
+                batches.
+            likelihood: overrides the likelihood given at construction.
+            progress: tqdm progress bar over an iterable of batches (default on).
+
+        Raises:
+            FloatingPointError: non-finite parameters, inputs or Fisher factors.
+            ValueError: the model's layout changed since the previous consolidation.
+        """
+        likelihood = self.likelihood if likelihood is None else likelihood
+        params = self.layout.current()
+        for n, p in zip(self.param_names, params):
+            if not torch.isfinite(p).all():
+                raise FloatingPointError(
+                    f"EWC.consolidate: parameter '{n}' has non-finite values (nan/inf); the anchor "
+                    "θ* must be finite -- fix the training run before consolidating"
+                )
+        if isinstance(inputs, Tensor) and inputs.is_floating_point() and not torch.isfinite(
+                inputs).all():
+            raise FloatingPointError("EWC.consolidate: inputs have non-finite values (nan/inf)")
+        F = fisher(self.model, inputs, targets, likelihood=likelihood, kind=self.kind,
+                   structure=self.structure, mc_samples=self.mc_samples, generator=self.generator,
+                   params=params, progress=progress, distributed_columns="gather")
+        self.layout.adopt(F.layers, "consolidate")
+        term = term_of(F)
+        with torch.no_grad():
+            anchor = [m.detach().clone() for m in self.layout.blocks()]
+        if self.decay is None:
+            self._anchors.append(anchor)
+            term.anchor = len(self._anchors) - 1
+            self._terms.append(term)
+        else:
+            self._anchors = [anchor]
+            old = []
+            for t in self._terms:
+                t.coef *= self.decay
+                t.anchor = 0
+                if t.coef > 0:
+                    old.append(t)
+            if term.form == "diagonal" and old and old[-1].form == "diagonal":
+                # diagonal Fishers merge exactly: F̃ = γ F̃_prev + F_new
+                prev = old.pop()
+                term.tensors["diagonal"] = (prev.coef * prev.tensors["diagonal"]
+                                            + term.tensors["diagonal"])
+            self._terms = [*old, term]
+        self.num_tasks += 1
+
+    # ------------------------------------------------------------------ penalty
+    def penalty(self) -> Tensor:
+        """``(κ/2) Σ_t (θ − θ*_t)ᵀ F_t (θ − θ*_t)`` at the current parameters (differentiable).
+
+        For ``decay=γ`` the sum is over the stored Fishers with weights ``γ^{age}`` and the one
+        latest anchor. Its autograd gradient is ``κ Σ_t F_t (θ − θ*_t)``.
+
+        Returns:
+            A scalar tensor in the parameters' dtype, attached to the autograd graph.
+
+        Raises:
+            RuntimeError: no task has been consolidated yet.
+            ValueError: the model changed shape since consolidation.
+            TypeError: the parameters' dtype changed since consolidation.
+            FloatingPointError: the penalty is not finite (names the non-finite parameter).
+        """
+        if not self._terms:
+            raise RuntimeError(
+                "EWC.penalty() called before any consolidate(): there is no anchor θ* or Fisher "
+                "yet. Call ewc.consolidate(inputs, targets) after training on a task (and skip the "
+                "penalty while ewc.num_tasks == 0)."
+            )
+        mats = self.layout.blocks()
+        dtype = mats[0].dtype
+        stored = self._anchors[0][0].dtype
+        if dtype != stored:
+            raise TypeError(f"EWC: the model's parameters are {dtype} but were {stored} at "
+                            "consolidation; cast the model back or re-consolidate")
+        deltas = [[m - m0 for m, m0 in zip(mats, anchor)] for anchor in self._anchors]
+        layers = self.layout.layers
+        assert layers is not None  # set with the first term
+        total = mats[0].new_zeros(())
+        for term in self._terms:
+            total = total + term.coef * term.quadratic(deltas[term.anchor], layers)
+        out = 0.5 * self.strength * total
+        if not torch.isfinite(out):
+            for n, p in zip(self.param_names, self.layout.current()):
+                if not torch.isfinite(p).all():
+                    raise FloatingPointError(
+                        f"EWC.penalty: parameter '{n}' has non-finite values (nan/inf)")
+            raise FloatingPointError(
+                f"EWC.penalty overflowed ({float(out.detach())}); the parameters moved very far "
+                "from the anchor or the strength is too large")
+        return out
+
+    # ------------------------------------------------------------------ memory
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes held (see :mod:`curvkit.ewc` for the formula per structure).
+
+        Returns:
+            ``{"curvature": ..., "anchors": ..., "total": ...}``.
+        """
+        curv = sum(t.nbytes() for t in self._terms)
+        anchors = sum(m.numel() * m.element_size() for a in self._anchors for m in a)
+        return {"curvature": curv, "anchors": anchors, "total": curv + anchors}
+
+    def memory_bytes(self) -> int:
+        """Total bytes of stored curvature and anchors.
+
+        Full structure: ``b · Σ_t N_t Σ_l T_l (d_in,l + R · d_out,l) + b · P · (#anchors)``.
+
+        Returns:
+            The number of bytes.
+        """
+        return self.memory_breakdown()["total"]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Configuration, layout, anchors and stored Fishers, as plain data.
+
+        Only numbers, strings, ``None``, lists, dicts and tensors (by reference, like
+        ``torch.optim``), for every structure of :data:`curvkit.ewc.terms.STATE_STRUCTURES` and
+        every kind, so ``torch.load(f)`` with its default ``weights_only=True`` reads it back.
+        The generator is not part of the state.
+
+        Returns:
+            The state dict.
+
+        Raises:
+            TypeError: a structure registered by the user keeps an operator object.
+        """
+        return {
+            "version": _STATE_VERSION,
+            "config": {"strength": self.strength, "kind": self.kind, "structure": self.structure,
+                       "likelihood": self.likelihood, "mc_samples": self.mc_samples,
+                       "decay": self.decay},
+            "param_names": list(self.param_names),
+            "layers": self.layout.describe() if self.layout.layers is not None else None,
+            "anchors": [list(a) for a in self._anchors],
+            "terms": [t.state(self.structure) for t in self._terms],
+            "num_tasks": self.num_tasks,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into this EWC; the model must have the saved layout.
+
+        The strength, kind, likelihood, ``mc_samples`` and decay are taken from the state; the
+        structure must be this EWC's. Nothing changes when an error is raised.
+
+        Args:
+            state: a dict from :meth:`state_dict` (e.g. ``torch.load(f)``).
+
+        Raises:
+            ValueError: unknown version, another structure, or parameters / layers / anchors
+                that do not fit the model.
+        """
+        version = state.get("version") if isinstance(state, dict) else type(state).__name__
+        if version != _STATE_VERSION:
+            raise ValueError(f"EWC.load_state_dict: expected a state dict of version "
+                             f"{_STATE_VERSION} (from EWC.state_dict()), got {version!r}")
+        cfg = state["config"]
+        if cfg["structure"] != self.structure:
+            raise ValueError(
+                f"EWC.load_state_dict: the state holds structure={cfg['structure']!r} Fishers but "
+                f"this EWC has structure={self.structure!r}; construct "
+                f"EWC(model, structure={cfg['structure']!r}) to load it")
+        _check_config(cfg["kind"], cfg["likelihood"], cfg["structure"], cfg["mc_samples"],
+                      cfg["decay"])
+        layout = ParameterLayout.from_names(self.model, state["param_names"])
+        terms = [Term.from_state(d) for d in state["terms"]]
+        anchors = [list(a) for a in state["anchors"]]
+        if state["layers"] is not None:
+            layout.rebuild(state["layers"])
+            _check_anchors(anchors, layout)
+            _check_terms(terms, layout, len(anchors))
+        self.strength = cfg["strength"]
+        self.kind, self.likelihood = cfg["kind"], cfg["likelihood"]
+        self.mc_samples, self.decay = cfg["mc_samples"], cfg["decay"]
+        self.layout, self._anchors, self._terms = layout, anchors, terms
+        self.num_tasks = int(state["num_tasks"])
+
+    def __repr__(self) -> str:
+        online = "one anchor per task" if self.decay is None else f"online, decay={self.decay}"
+        return (f"EWC(strength={self.strength}, kind={self.kind!r}, structure={self.structure!r}, "
+                f"{online}, tasks={self.num_tasks}, memory={self.memory_bytes()} B)")
+
+
+def _check_config(kind: Any, likelihood: Any, structure: Any, mc_samples: Any, decay: Any) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"EWC: unknown kind {kind!r}; supported: {list(KINDS)}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"EWC: unknown likelihood {likelihood!r}; supported: {list(LIKELIHOODS)}")
+    if structure not in structures():
+        raise ValueError(
+            f"EWC: unknown structure {structure!r}; registered structures: {list(structures())}")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"EWC: mc_samples must be a positive int, got {mc_samples!r}")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float))
+                              or not 0.0 <= decay <= 1.0):
+        raise ValueError(f"EWC: decay must be None (one anchor per task) or in [0, 1] "
+                         f"(online EWC), got {decay!r}")
+
+
+def _check_anchors(anchors: list[list[Tensor]], layout: ParameterLayout) -> None:
+    want = [(b.d_out, b.d_in) for b in layout.blocks_layout]
+    for a in anchors:
+        got = [tuple(m.shape) for m in a]
+        if got != want:
+            raise ValueError(f"EWC.load_state_dict: anchor blocks of shapes {got} do not fit the "
+                             f"model's layer blocks {want}")
+
+
+def _check_terms(terms: list[Term], layout: ParameterLayout, num_anchors: int) -> None:
+    L = len(layout.blocks_layout)
+    for i, t in enumerate(terms):
+        lists = [v for v in t.tensors.values() if isinstance(v, list)]
+        if not 0 <= t.anchor < num_anchors or any(
+                len(v) != (1 if t.form == "dense" and t.stacked else L) for v in lists):
+            raise ValueError(f"EWC.load_state_dict: stored Fisher {i} ({t.form}) does not fit the "
+                             f"model's {L} layers and {num_anchors} anchors")
