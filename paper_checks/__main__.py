@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--cap", type=int, default=None, help="automatic widenings per grid-axis side "
                    "(default 2; 1 with --quick)")
+    p.add_argument("--notes", default="", help="run notes recorded in _run.json and REPORT.md "
+                   "(e.g. machine load)")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     return p.parse_args(argv)
 
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
     total = time.perf_counter() - t_start
     meta = {"command": cfg.command, "level": level, "seeds": seeds, "jobs": cfg.jobs,
-            "checks": names, "seconds": total, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "checks": names, "seconds": total, "notes": args.notes,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     write_json(out / "_run.json", meta)
     if commit:
         write_json(PKG_DIR / "results" / "_run.json", meta)

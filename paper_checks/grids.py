@@ -13,7 +13,15 @@ tested on a synthetic loss surface:
    beyond the edge (at the selected value of the other axis and its evaluated neighbours) and steps
    1–3 repeat, until the selection is interior or the axis side has been widened ``cap`` times (then
    the remaining edge is reported). A diverged neighbour beyond the selected point makes it
-   interior: the optimum is bracketed.
+   interior: the optimum is bracketed;
+5. *divergence*: a candidate with a diverged seed is not eligible and is replaced by the next
+   screened point that is not known to diverge (seeds of a point whose first seed diverged are not
+   run); if no point converges on every seed, the learning-rate (or ``α``) axis is extended
+   **downward by a decade** (the two next values of the ``{1, 3}×10^i`` pattern, so the axis stays
+   contiguous) at every damping of the grid (ranking cannot guide a search where everything
+   diverges), up to ``diverged_cap`` times; then the ordinary widening continues from
+   the first point that converges. If the cap is reached with nothing converged, the search ends
+   with a diverged selection and says so.
 
 Grid values follow ``{1, 3}×10^i`` (learning rates) and ``10^{2i}`` (dampings); the next value
 beyond an edge continues that pattern (:func:`next_value`).
@@ -30,6 +38,8 @@ import numpy as np
 
 #: Default number of widenings per axis side.
 WIDEN_CAP = 3
+#: Widening label of the downward decade steps taken while every candidate diverges.
+DIVERGED = "lr low (all diverged)"
 
 Key = tuple[float, "float | None"]  # (lr or α, damping)
 
@@ -149,6 +159,7 @@ class Search:
     seeds: list[int]
     screen: int | None = 3
     cap: int = WIDEN_CAP
+    diverged_cap: int | None = None
     keys: list[Key] = field(default_factory=list)
     first: dict[Key, float] = field(default_factory=dict)
     finals: dict[Key, list[float]] = field(default_factory=dict)
@@ -161,6 +172,8 @@ class Search:
     def __post_init__(self) -> None:
         if not self.keys:
             self.keys = self.grid.keys()
+        if self.diverged_cap is None:
+            self.diverged_cap = max(2, 2 * self.cap)
 
     # --- the three phases; ``need_*`` say which (key, seed) runs are missing
     def need_screen(self) -> list[tuple[Key, int]]:
@@ -170,39 +183,64 @@ class Search:
         if seed == self.seeds[0]:
             self.first[key] = final
 
+    def _converges(self, key: Key) -> bool:
+        """Whether ``key`` is not known to diverge (first seed finite, no diverged seed so far)."""
+        return math.isfinite(self.first[key]) and all(map(math.isfinite, self.finals.get(key, [0.0])))
+
     def candidates(self) -> list[Key]:
+        """The ``screen`` best screened points by the first seed that are not known to diverge
+        (if there are none: the ``screen`` best of all, which are all diverged)."""
         ranked = sorted(self.keys, key=lambda k: (not math.isfinite(self.first[k]), self.first[k]))
         n = len(ranked) if self.screen is None else max(1, self.screen)
-        return ranked[:n]
+        ok = [k for k in ranked if self._converges(k)]
+        return ok[:n] if ok else ranked[:n]
 
     def need_seeds(self) -> list[tuple[Key, int]]:
-        return [(k, s) for k in self.candidates() for s in self.seeds[1:] if k not in self.finals]
+        return [(k, s) for k in self.candidates() if k not in self.finals and math.isfinite(self.first[k])
+                for s in self.seeds[1:]]
 
     def conclude(self, finals: dict[tuple[Key, int], float]) -> list[Key]:
         """Select among the candidates (their finals for every seed in ``finals``) and return the
-        new keys to evaluate (empty: the search is done)."""
+        new keys to evaluate (empty and ``done``: the search is over; empty and not ``done``: a
+        candidate diverged and its replacement needs its seeds)."""
         for k in self.candidates():
             if k not in self.finals:
-                self.finals[k] = [self.first[k] if s == self.seeds[0] else finals[(k, s)] for s in self.seeds]
+                # a point whose first seed diverged scores inf without running the other seeds
+                first = self.first[k]
+                self.finals[k] = ([first if s == self.seeds[0] else finals[(k, s)] for s in self.seeds]
+                                  if math.isfinite(first) else [first])
+        if any(k not in self.finals for k in self.candidates()):
+            return []  # a diverged candidate was replaced: run the replacement's seeds first
         cand = {k: self.finals[k] for k in self.candidates()}
         self.selected = select(cand)
         on = edges(self.keys, self.selected)
-        allowed = [e for e in on if e.split()[0] in self.grid.widen]
-        new: list[Key] = []
-        self.capped = []
-        for e in allowed:
-            if self.widened.get(e, 0) >= self.cap:
-                self.capped.append(e)
-                continue
-            if not math.isfinite(score(cand[self.selected])[0]):
-                continue  # nothing converged: widening cannot find an optimum by ranking
-            added = [k for k in widen_keys(self.keys, self.selected, e) if k not in self.keys]
-            if added:
-                self.widened[e] = self.widened.get(e, 0) + 1
-                new += added
-        new = list(dict.fromkeys(new))
-        self.keys += new
         self.remaining_edges = on
+        self.capped = []
+        new: list[Key] = []
+        if not math.isfinite(score(cand[self.selected])[0]):
+            # nothing converges on every seed: step the lr axis down a decade at every damping
+            if "lr" in self.grid.widen and self.widened.get(DIVERGED, 0) < (self.diverged_cap or 0):
+                for d in dict.fromkeys(k[1] for k in self.keys):
+                    row = [k[0] for k in self.keys if k[1] == d]
+                    for _ in range(2):  # one decade, contiguous on the {1, 3}×10^i pattern
+                        row.append(next_value(row, up=False))
+                        new.append((row[-1], d))
+                new = [k for k in dict.fromkeys(new) if k not in self.keys]
+                if new:
+                    self.widened[DIVERGED] = self.widened.get(DIVERGED, 0) + 1
+            elif "lr" in self.grid.widen:
+                self.capped.append(DIVERGED)
+        else:
+            for e in [e for e in on if e.split()[0] in self.grid.widen]:
+                if self.widened.get(e, 0) >= self.cap:
+                    self.capped.append(e)
+                    continue
+                added = [k for k in widen_keys(self.keys, self.selected, e) if k not in self.keys]
+                if added:
+                    self.widened[e] = self.widened.get(e, 0) + 1
+                    new += added
+            new = list(dict.fromkeys(new))
+        self.keys += new
         if not new:
             self.done = True
         return new
@@ -210,13 +248,14 @@ class Search:
     def summary(self) -> dict[str, Any]:
         return {"widened": dict(self.widened), "capped_edges": list(self.capped),
                 "remaining_edges": list(self.remaining_edges), "screen": self.screen, "cap": self.cap,
+                "diverged_cap": self.diverged_cap,
                 "candidates": [list(k) for k in self.candidates()]}
 
 
 def search(grid: Grid, seeds: Sequence[int], evaluate: Callable[[list[tuple[Key, int]]], list[float]],
-           screen: int | None = 3, cap: int = WIDEN_CAP) -> Search:
+           screen: int | None = 3, cap: int = WIDEN_CAP, diverged_cap: int | None = None) -> Search:
     """Run one method's search with ``evaluate([(key, seed), ...]) -> finals`` (see module doc)."""
-    s = Search(grid, list(seeds), screen, cap)
+    s = Search(grid, list(seeds), screen, cap, diverged_cap)
     while not s.done:
         todo = s.need_screen()
         for (k, sd), v in zip(todo, evaluate(todo)):

@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -163,7 +164,8 @@ class MethodResult:
         steps, med, lo, hi = self.curve
         return {
             "label": self.label, "optimizer": self.method.opt, "options": self.method.opts,
-            "grid": self.grid.describe(), "grid_table": self.table, "lr": self.lr,
+            "grid": self.grid.describe(), "widen_axes": list(self.grid.widen), "grid_table": self.table,
+            "lr": self.lr,
             "damping": self.damping, "best_on_grid_edge": self.edges, "search": self.search,
             "final_losses": self.finals, "final_median": self.median, "final_mean": self.mean,
             "final_std": self.std, "diverged_seeds": sum(not math.isfinite(v) for v in self.finals),
@@ -257,20 +259,22 @@ class Harness:
                       "first_seed": s.first[key],
                       "median": score(s.finals[key])[0] if key in s.finals else None,
                       "finals": s.finals.get(key)} for key in s.keys]
-            runs = [self.cache[spec(k, sel, sd)] for sd in seeds]
+            # a diverged selection (nothing converged) may lack the seeds after the first
+            runs = self.run_many([spec(k, sel, sd) for sd in seeds], desc=f"{desc}: selected")
             grid = Grid(tuple(sorted({key[0] for key in s.keys})),
                         tuple(sorted({key[1] for key in s.keys}, key=lambda v: -1 if v is None else v)),
                         g.ratio, g.widen)
             out[m.label] = MethodResult(
                 label=m.label, method=m, grid=grid, table=table, lr=g.lr_of(sel), damping=sel[1],
-                edges=edges(s.keys, sel), finals=[r.final for r in runs], runs=runs,
+                edges=edges(s.keys, sel) if math.isfinite(score(s.finals[sel])[0]) else [],
+                finals=[r.final for r in runs], runs=runs,
                 search=s.summary(), budgets=tuple(b for b in setup.budgets if b < setup.steps))
         return out
 
     def fixed(self, setup: Setup, method: Method, lr: float, damping: float | None,
               seeds: Sequence[int] | None = None, desc: str = "runs") -> MethodResult:
         """Run a fixed hyperparameter point (no search) with all seeds."""
-        return self.tune(setup, [(method, Grid((lr,), (damping,)))], seeds=seeds, desc=desc,
+        return self.tune(setup, [(method, Grid((lr,), (damping,), widen=()))], seeds=seeds, desc=desc,
                          screen=None)[method.label]
 
     def figure_path(self, name: str) -> Path:
@@ -366,7 +370,24 @@ def environment() -> dict[str, Any]:
              if "precondition_with" in inspect.signature(KFAC.__init__).parameters
              else "current batch folded in before the update (this curvkit has no precondition_with)")
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "platform": sys.platform, "kfac_foof_update_order": order}
+            "cpus": os.cpu_count(), "platform": sys.platform, "kfac_foof_update_order": order,
+            "commit": git_commit(), "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD`` of the repository (``+dirty`` if curvkit/ or paper_checks/
+    have uncommitted changes; committed results/figures/REPORT.md do not count), or ``unknown``."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        keep = [":!paper_checks/results", ":!paper_checks/figures", ":!paper_checks/REPORT.md"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "curvkit", "paper_checks", *keep],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 __all__ = [

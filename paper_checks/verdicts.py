@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from paper_checks.grids import DIVERGED
+
 if TYPE_CHECKING:
     from paper_checks.harness import MethodResult
 
@@ -19,7 +21,8 @@ SPREAD = 3.0
 
 
 def ratio(worse: MethodResult | float, better: MethodResult | float) -> float:
-    """``median(worse) / median(better)`` over seeds (``inf`` if only the better one converged)."""
+    """``median(worse) / median(better)`` over seeds (``inf`` if only the better one converged;
+    ``nan`` if both are 0, e.g. both underflow on separable data: a tie cannot favour either)."""
     w = worse if isinstance(worse, (int, float)) else worse.median
     b = better if isinstance(better, (int, float)) else better.median
     w, b = float(w), float(b)
@@ -27,7 +30,9 @@ def ratio(worse: MethodResult | float, better: MethodResult | float) -> float:
         return math.inf if math.isfinite(b) else math.nan
     if not math.isfinite(b):
         return 0.0
-    return w / b if b > 0 else math.inf
+    if b > 0:
+        return w / b
+    return math.inf if w > 0 else math.nan
 
 
 def separated(better: MethodResult, worse: MethodResult) -> bool:
@@ -58,10 +63,14 @@ def gap_closed(base: MethodResult, variant: MethodResult, kfac: MethodResult) ->
     """Fraction of the log-loss gap between ``base`` and KFAC that ``variant`` closes:
     ``log(L_base / L_variant) / log(L_base / L_kfac)`` (median losses; ``nan`` if no gap)."""
     lb, lv, lk = base.median, variant.median, kfac.median
-    if not (math.isfinite(lb) and math.isfinite(lk)) or lk >= lb or lk <= 0:
+    if not (math.isfinite(lb) and math.isfinite(lk)) or lk >= lb:
         return math.nan
     if not math.isfinite(lv):
         return -math.inf
+    if lk <= 0:  # KFAC underflowed to 0 and the base did not: an infinite log-gap
+        return 1.0 if lv <= 0 else 0.0
+    if lv <= 0:
+        return math.inf
     return math.log(lb / lv) / math.log(lb / lk)
 
 
@@ -77,15 +86,26 @@ def gap_verdict(f: float, kfac: MethodResult, variant: MethodResult) -> str:
     return FAILS
 
 
+def _edge_reason(edge: str, capped: Sequence[str], widen: Sequence[str]) -> str:
+    if edge in capped:
+        return "cap reached"
+    return "not widened" if edge.split()[0] in widen else "axis fixed by design"
+
+
 def caveats(methods: Sequence[MethodResult]) -> list[str]:
     """Qualifications of a verdict: selected points still on a grid edge after widening (cap
     reached, or an axis that is not widened), diverged seeds, and seed spreads > :data:`SPREAD`."""
     out = []
     for m in methods:
+        widen = getattr(m.grid, "widen", ("lr", "damping"))
+        capped = m.search.get("capped_edges") or []
         if m.edges:
-            why = ("cap reached" if m.search.get("capped_edges") else
-                   "no finite candidate to widen from" if m.diverged else "axis fixed by design")
-            out.append(f"{m.label}: optimum on the grid edge ({', '.join(m.edges)}; {why})")
+            why = [f"{e} ({_edge_reason(e, capped, widen)})" for e in m.edges]
+            out.append(f"{m.label}: optimum on the grid edge ({', '.join(why)})")
+        if m.diverged and DIVERGED in capped:
+            n = (m.search.get("widened") or {}).get(DIVERGED, 0)
+            out.append(f"{m.label}: no learning rate converged on every seed, even after the lr axis "
+                       f"was extended {n} decade(s) downward (cap reached)")
         bad = sum(not math.isfinite(v) for v in m.finals)
         if bad:
             out.append(f"{m.label}: {bad}/{len(m.finals)} seeds diverged")

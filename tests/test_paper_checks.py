@@ -27,6 +27,7 @@ from paper_checks.harness import (
     RunSpec,
     Setup,
     gap_closed,
+    ratio,
     ratio_verdict,
     train,
 )
@@ -68,6 +69,11 @@ def test_verdict_rules():
 
     assert gap_closed(fake(1.0), fake(0.1), fake(0.01)) == pytest.approx(0.5)
     assert math.isnan(gap_closed(fake(0.01), fake(0.1), fake(1.0)))  # no gap
+    # losses that underflow to 0: a tie favours nobody, KFAC alone at 0 is an infinite gap
+    assert math.isnan(ratio(fake(0.0), fake(0.0))) and ratio(fake(1e-3), fake(0.0)) == math.inf
+    assert ratio_verdict(ratio(fake(0.0), fake(0.0)), 3.0) == FAILS
+    assert gap_closed(fake(1.0), fake(0.5), fake(0.0)) == 0.0
+    assert gap_closed(fake(1.0), fake(0.0), fake(0.0)) == 1.0
 
 
 def test_next_grid_value_continues_the_pattern():
@@ -108,6 +114,49 @@ def test_diverged_neighbour_brackets_the_optimum_and_fixed_axes_are_not_widened(
     s = search(Grid((0.01, 0.03), (1e-4, 1e-2), widen=("lr",)), [0, 1, 2], _bowl(0.02, 1e-6))
     assert all(k[1] in (1e-4, 1e-2) for k in s.keys)  # damping fixed by design
     assert "damping low" in s.remaining_edges and not s.capped
+
+
+def test_diverging_everywhere_steps_the_lr_axis_down_by_decades_until_an_interior_optimum():
+    # FOOF'-like surface: diverges above lr 1e-6, optimum at 3e-7 (a grid starting at 3e-4)
+    calls = []
+
+    def f(todo):
+        calls.extend(todo)
+        return [math.inf if a > 1e-6 else (math.log10(a / 3e-7)) ** 2 + 1 for (a, _), _ in todo]
+
+    s = search(Grid((3e-4, 1e-3, 3e-3), (1e-8,), widen=("lr",)), [0, 1, 2], f, screen=2, cap=2,
+               diverged_cap=4)
+    assert s.selected == (3e-7, 1e-8) and math.isfinite(s.finals[s.selected][1])
+    assert s.widened["lr low (all diverged)"] == 3  # 1e-4 3e-5, 1e-5 3e-6, 1e-6 3e-7
+    assert s.widened["lr low"] == 1 and edges(s.keys, s.selected) == []  # 1e-7 brackets it
+    # seeds of points whose first seed diverged are never run
+    assert not [k for k, sd in calls if sd > 0 and k[0] > 1e-6]
+
+
+def test_diverging_everywhere_stops_at_the_cap_and_the_caveat_says_so():
+    s = search(Grid((1e-3, 3e-3), (1e-2, 1.0)), [0, 1, 2], lambda todo: [math.inf] * len(todo),
+               screen=2, cap=1, diverged_cap=2)
+    assert s.done and s.widened == {"lr low (all diverged)": 2}
+    assert s.capped == ["lr low (all diverged)"]
+    assert sorted({k[0] for k in s.keys}) == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]  # at both dampings
+    assert {k[1] for k in s.keys if k[0] == 1e-5} == {1e-2, 1.0}
+    m = type("M", (), {"label": "X", "edges": [], "finals": [math.inf] * 3, "diverged": True,
+                       "grid": Grid((1e-3,)), "search": s.summary()})()
+    from paper_checks.verdicts import caveats
+    assert any("extended 2 decade(s) downward (cap reached)" in c for c in caveats([m]))
+
+
+def test_a_candidate_with_a_diverged_seed_is_replaced_by_the_next_converging_point():
+    # the two best points on seed 0 diverge on seed 2; the third converges on every seed
+    finals = {0.1: [0.01, 0.02, math.inf], 0.3: [0.02, 0.02, math.inf], 0.03: [0.05, 0.05, 0.05],
+              0.01: [0.2, 0.2, 0.2]}
+
+    def f(todo):
+        return [finals[a][sd] for (a, _), sd in todo]
+
+    s = search(Grid((0.01, 0.03, 0.1, 0.3)), [0, 1, 2], f, screen=2)
+    assert s.selected == (0.03, None) and s.finals[(0.03, None)] == [0.05, 0.05, 0.05]
+    assert "lr low (all diverged)" not in s.widened
 
 
 def test_selection_is_by_the_median_over_seeds_not_by_seed_0():
