@@ -59,10 +59,12 @@ def test_import_direction(path):
 
 #: Applications reach capture only through curvature (``curvkit.curvature.streaming``).
 CAPTURE_FREE = {"optim", "ewc", "hypergrad", "validate"}
-#: Factorisations belong to linalg; these applications compose its operators instead.
-FACTORISATION_FREE = {"optim", "ewc", "hypergrad", "validate"}
-FACTORISATIONS = re.compile(r"torch\.(?:linalg\.)?(?:cholesky\w*|eigh|eigvalsh|inv|inv_ex|svd|lu\w*|"
-                            r"cholesky_inverse)\(")
+#: Factorisations and solves belong to linalg (and the dense references of testing); every other
+#: part of curvkit composes linalg's operators and helpers instead.
+FACTORISATION_ALLOWED = {"linalg", "testing"}
+FACTORISATIONS = re.compile(r"torch\.(?:linalg\.)?(?:cholesky\w*|eigh|eigvalsh|eig|eigvals|inv|inv_ex|"
+                            r"pinv|svd|svdvals|lu\w*|qr|solve\w*|lstsq|triangular_solve|logdet|slogdet|"
+                            r"det)\(")
 
 
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(PKG)) for p in FILES])
@@ -80,7 +82,7 @@ def test_applications_import_no_capture(path):
 
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(PKG)) for p in FILES])
 def test_no_factorisation_outside_linalg(path):
-    if _part(path) not in FACTORISATION_FREE:
+    if _part(path) in FACTORISATION_ALLOWED:
         return
     code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
     calls = sorted({m.group(0) for m in FACTORISATIONS.finditer(code)})
@@ -90,9 +92,15 @@ def test_no_factorisation_outside_linalg(path):
 
 def test_factorisation_pattern_catches_calls():
     for call in ("torch.linalg.cholesky_ex(A)", "torch.linalg.eigh(S)", "torch.cholesky_inverse(L)",
-                 "torch.linalg.inv(A)", "torch.linalg.lu_factor(A)"):
+                 "torch.linalg.inv(A)", "torch.linalg.lu_factor(A)", "torch.linalg.cholesky(A)",
+                 "torch.linalg.eigvalsh(A)", "torch.linalg.solve(A, b)", "torch.linalg.solve_ex(A, b)",
+                 "torch.linalg.svd(A)", "torch.linalg.lstsq(A, b)", "torch.cholesky_solve(b, L)",
+                 "torch.linalg.solve_triangular(L, b, upper=False)", "torch.logdet(A)",
+                 "torch.linalg.slogdet(A)", "torch.linalg.qr(A)", "torch.linalg.pinv(A)"):
         assert FACTORISATIONS.search(call), call
-    assert not FACTORISATIONS.search("damped_cholesky(S, lam).inverse()")
+    for call in ("damped_cholesky(S, lam).inverse()", "torch.linalg.vector_norm(v)",
+                 "torch.linalg.matrix_norm(A)", "F.solve(g, damping=1e-3)", "F.logdet(1e-3)"):
+        assert not FACTORISATIONS.search(call), call
 
 
 HOOK_CALLS = ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",

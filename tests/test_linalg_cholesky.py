@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import curvkit.linalg.cholesky as chol_mod
-from curvkit.linalg import SingularError, damped_cholesky
+from curvkit.linalg import SingularError, batched_psd_sqrt, batched_spd_solve, damped_cholesky
 
 f64 = torch.float64
 
@@ -87,3 +87,33 @@ def test_damped_cholesky_bad_input():
         damped_cholesky(torch.eye(2), torch.ones(3))
     with pytest.raises(ValueError, match="fallback must be one of"):
         damped_cholesky(torch.eye(2), fallback="jitter")
+
+
+def test_batched_psd_sqrt_squares_back():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(4, 3, 2, generator=g, dtype=f64)
+    S = X @ X.transpose(1, 2)  # rank-deficient PSD batch
+    R = batched_psd_sqrt(S)
+    torch.testing.assert_close(R, R.transpose(1, 2), rtol=0, atol=1e-14)
+    torch.testing.assert_close(R @ R, S, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"batch of square matrices \(B, n, n\), got shape \(3, 3\)"):
+        batched_psd_sqrt(S[0])
+
+
+def test_batched_spd_solve_matches_dense():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(5, 3, 3, generator=g, dtype=f64)
+    S = X @ X.transpose(1, 2) + torch.eye(3, dtype=f64)
+    b = torch.randn(5, 3, 2, generator=g, dtype=f64)
+    sol, logdet = batched_spd_solve(S.float(), b.float())
+    assert sol.dtype == logdet.dtype == f64
+    ref_sol = torch.stack([torch.linalg.solve(S[i].float().double(), b[i].float().double())
+                           for i in range(5)])
+    torch.testing.assert_close(sol, ref_sol, rtol=1e-10, atol=0)
+    torch.testing.assert_close(logdet, torch.logdet(S.float().double()), rtol=1e-12, atol=0)
+    S_bad = S.clone()
+    S_bad[2] = -S_bad[2]
+    with pytest.raises(SingularError, match="my cov 2 of the batch is not positive definite"):
+        batched_spd_solve(S_bad, b, name="my cov")
+    with pytest.raises(ValueError, match=r"my cov: expected S \(K, n, n\) and B \(K, n, k\)"):
+        batched_spd_solve(S, b[:2], name="my cov")

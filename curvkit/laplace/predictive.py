@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from curvkit.linalg import batched_psd_sqrt
+
 PRED_TYPES = ("glm", "nn")
 LINK_APPROX = ("probit", "mc")
 
@@ -50,12 +52,6 @@ def link(f: Tensor, likelihood: str) -> Tensor:
     return torch.sigmoid(f) if likelihood == "binary" else torch.softmax(f, dim=-1)
 
 
-def _sqrt_psd(S: Tensor) -> Tensor:
-    """Symmetric square roots of ``(N, C, C)`` PSD matrices (eigenvalues clamped at 0)."""
-    evals, evecs = torch.linalg.eigh(0.5 * (S + S.transpose(1, 2)))
-    return (evecs * evals.clamp_min(0.0).sqrt()[:, None, :]) @ evecs.transpose(1, 2)
-
-
 def glm_predictive(f_mean: Tensor, f_var: Tensor, likelihood: str, link_approx: str = "probit",
                    n_samples: int = 100, generator: torch.Generator | None = None):
     """Linearised predictive from ``N(f_mean, f_var)`` (module doc).
@@ -75,7 +71,7 @@ def glm_predictive(f_mean: Tensor, f_var: Tensor, likelihood: str, link_approx: 
         return f_mean, f_var
     if link_approx == "probit":
         return probit(f_mean, f_var, likelihood)
-    root = _sqrt_psd(f_var.to(torch.float64))
+    root = batched_psd_sqrt(f_var.to(torch.float64))
     N, C = f_mean.shape
     acc = torch.zeros(N, C, dtype=torch.float64, device=f_mean.device)
     step = max(1, 2**24 // max(1, N * C))

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from curvkit.curvature.data import is_single_batch, iter_batches
 from curvkit.laplace.evidence import maximize_evidence
+from curvkit.linalg import batched_spd_solve
 
 
 def marglik(post, per_layer: bool, bounds: tuple[float, float], max_iter: int):
@@ -116,8 +117,9 @@ def batch_nll(post, x, y: Tensor, link_approx: str) -> float:
         mean, cov = post.predictive(x, "glm")
         S = cov.to(torch.float64) + torch.eye(cov.shape[1], dtype=torch.float64, device=cov.device)
         d = (y.to(torch.float64) - mean.to(torch.float64))[:, :, None]
-        quad = (d.transpose(1, 2) @ torch.linalg.solve(S, d))[:, 0, 0]
-        return float(0.5 * (quad + torch.logdet(S) + S.shape[1] * math.log(2 * math.pi)).mean())
+        Sinv_d, logdet = batched_spd_solve(S, d, name="predictive covariance Σ_f + I")
+        quad = (d.transpose(1, 2) @ Sinv_d)[:, 0, 0]
+        return float(0.5 * (quad + logdet + S.shape[1] * math.log(2 * math.pi)).mean())
     p = post.predictive(x, "glm", link_approx, generator=torch.Generator(device=y.device).manual_seed(0))
     p = p.to(torch.float64).clamp_min(1e-12)
     if post.likelihood == "classification":

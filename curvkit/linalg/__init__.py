@@ -4,7 +4,7 @@ No ``nn.Module``, no hooks, no data here.
 """
 
 from curvkit.linalg.blockdiag import BlockDiagonal
-from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
+from curvkit.linalg.cholesky import SPDFactor, batched_psd_sqrt, batched_spd_solve, damped_cholesky
 from curvkit.linalg.compose import InverseOperator
 from curvkit.linalg.dense import Dense
 from curvkit.linalg.diagonal import Diagonal
@@ -22,7 +22,7 @@ from curvkit.linalg.woodbury import Woodbury
 
 __all__ = [
     "LinearOperator", "InverseOperator", "SingularError", "check_memory", "available_memory_bytes",
-    "damped_cholesky", "SPDFactor", "DampingError",
+    "damped_cholesky", "SPDFactor", "batched_psd_sqrt", "batched_spd_solve", "DampingError",
     "Woodbury", "LowRankFactor", "DenseFactor", "StackedFactor", "ScaledFactor", "OuterProductFactor",
     "BlockDiagonal", "Diagonal", "Dense", "Kronecker", "pi_damping",
 ]

@@ -15,6 +15,9 @@ indefinite, e.g. a rank-deficient factor with a tiny damping), one of two fallba
 The returned :class:`SPDFactor` applies ``(S + D)⁻¹``, forms the inverse (``cholesky_inverse``),
 the log-determinant, ``diag((S + D)⁻¹)``, a half-solve ``H`` with ``Hᵀ H = Xᵀ (S + D)⁻¹ X`` and a
 square root ``R`` of the inverse (``R Rᵀ = (S + D)⁻¹``) for Gaussian sampling.
+
+Batches of small ``C × C`` matrices (the functional covariances of the Laplace predictive) go
+through :func:`batched_psd_sqrt` and :func:`batched_spd_solve`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from curvkit.linalg.operator import SingularError
 
-__all__ = ["SPDFactor", "damped_cholesky"]
+__all__ = ["SPDFactor", "batched_psd_sqrt", "batched_spd_solve", "damped_cholesky"]
 
 _WARNED: set[str] = set()
 FALLBACKS = ("eigh", "shift")
@@ -167,3 +170,53 @@ def damped_cholesky(S: Tensor, damping: float | Tensor = 0.0, *, name: str = "ma
     _warn_once(name, f"{desc}: Cholesky failed (ill-conditioned); using its eigendecomposition "
                      f"(smallest eigenvalue {smallest:.3g})")
     return SPDFactor(evals=evals, evecs=evecs)
+
+
+def batched_psd_sqrt(S: Tensor) -> Tensor:
+    """Symmetric square roots ``R = Q diag(√max(s, 0)) Qᵀ`` of a batch of PSD matrices.
+
+    ``(S + Sᵀ)/2 = Q diag(s) Qᵀ`` per matrix; eigenvalues below 0 (round-off of a PSD matrix)
+    are clamped to 0, so ``R R = S`` for PSD ``S`` and ``R z`` with ``z ∼ N(0, I)`` is
+    ``N(0, S)``.
+
+    Args:
+        S: ``(B, n, n)`` symmetric positive semi-definite matrices, computed in their own dtype.
+
+    Returns:
+        ``(B, n, n)`` symmetric square roots, same dtype as ``S``.
+
+    Raises:
+        ValueError: ``S`` is not a batch of square matrices.
+    """
+    if S.dim() != 3 or S.shape[1] != S.shape[2]:
+        raise ValueError(f"expected a batch of square matrices (B, n, n), got shape {tuple(S.shape)}")
+    evals, evecs = torch.linalg.eigh(0.5 * (S + S.transpose(1, 2)))
+    return (evecs * evals.clamp_min(0.0).sqrt()[:, None, :]) @ evecs.transpose(1, 2)
+
+
+def batched_spd_solve(S: Tensor, B: Tensor, *, name: str = "matrix") -> tuple[Tensor, Tensor]:
+    """``S⁻¹ B`` and ``log det S`` for a batch of SPD matrices, by batched Cholesky in float64.
+
+    Args:
+        S: ``(K, n, n)`` symmetric positive definite matrices (the lower triangle is read).
+        B: ``(K, n, k)`` right-hand sides.
+        name: what ``S`` is, for the error message.
+
+    Returns:
+        ``(X, logdet)``: ``X = S⁻¹ B`` of shape ``(K, n, k)`` and ``log det S`` of shape ``(K,)``,
+        both float64.
+
+    Raises:
+        ValueError: the shapes do not match.
+        SingularError: some ``S[i]`` is not positive definite (Cholesky fails).
+    """
+    if S.dim() != 3 or S.shape[1] != S.shape[2] or B.dim() != 3 or B.shape[:2] != S.shape[:2]:
+        raise ValueError(f"{name}: expected S (K, n, n) and B (K, n, k), got {tuple(S.shape)} "
+                         f"and {tuple(B.shape)}")
+    L, info = torch.linalg.cholesky_ex(S.to(torch.float64))
+    bad = (info != 0).nonzero().flatten()
+    if bad.numel():
+        raise SingularError(f"{name} {int(bad[0])} of the batch is not positive definite "
+                            "(Cholesky failed); check its inputs")
+    X = torch.cholesky_solve(B.to(torch.float64), L)
+    return X, 2.0 * L.diagonal(dim1=1, dim2=2).log().sum(1)

@@ -4,7 +4,7 @@ Nothing here uses curvkit's hooks or capture code: Jacobians and per-sample grad
 ``torch.func.functional_call`` + ``vmap`` + ``jacrev`` / ``grad`` over single inputs, and every
 matrix is formed explicitly. Only for tiny models (``P`` up to a few thousand).
 
-Notation (math_spec §1–2):
+Notation (Benzing 2022, Sec. 2.2 and App. I.1; eq 1 defines the Fisher):
 
 * ``N`` inputs ``x_n``, model outputs ``f_n = f(x_n; θ) ∈ R^C``;
 * ``θ ∈ R^P`` -- the chosen parameters, each flattened row-major (``.reshape(-1)``) and
