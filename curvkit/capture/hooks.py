@@ -338,14 +338,20 @@ class Recorder:
         return self._finalizer.alive
 
 
+def in_functorch() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, …) is running: its
+    forwards are the user's own analysis of the model, not training forwards to record."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _recording(self: Recorder | None) -> bool:
     return (self is not None and self.enabled and torch.is_grad_enabled()
-            and not in_backward())
+            and not in_backward() and not in_functorch())
 
 
 def _recording_layer(self: Recorder | None) -> bool:
     """Layer hooks also see no-grad calls inside a recorded model forward (to refuse them)."""
-    return (self is not None and self.enabled and not in_backward()
+    return (self is not None and self.enabled and not in_backward() and not in_functorch()
             and (torch.is_grad_enabled() or self._in_forward))
 
 

@@ -22,7 +22,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from curvkit.capture.hooks import Recorder, layer_errors
+from curvkit.capture.hooks import Recorder, in_functorch, layer_errors
+from curvkit.capture.inputs import as_logits
 from curvkit.capture.targets import KINDS, LIKELIHOODS, check_choice, output_seeds
 
 
@@ -30,7 +31,9 @@ class ErrorRecorder:
     """Back-propagate Fisher seeds after each recorded forward of ``model`` (see module doc).
 
     Args:
-        model: the module whose forward output is the network output ``f`` of shape ``(N, C)``.
+        model: the module whose forward output is the network output ``f`` of shape ``(N, C)``
+            or ``(N, …, C)`` (a tensor, or an object with ``.logits`` such as a Hugging Face
+            ``ModelOutput``).
         recorder: a :class:`Recorder` with ``keep_outputs=True`` on the tracked layers.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         kind: ``"mc"`` or ``"exact"`` (``"empirical"`` needs the data labels, which the model
@@ -86,8 +89,11 @@ class ErrorRecorder:
     def _compute(self, output: Tensor) -> None:
         rec = self.recorder
         self.reset()
-        if not isinstance(output, Tensor):
-            raise TypeError(f"the model must return a Tensor, got {type(output).__name__}")
+        if not isinstance(output, Tensor) and not isinstance(getattr(output, "logits", None),
+                                                             Tensor):
+            raise TypeError(f"the model must return a Tensor or an object with a .logits tensor, "
+                            f"got {type(output).__name__}")
+        output = as_logits(output)
         if any(o is None for o in rec.records.outputs):
             return  # a tracked layer was not called; the optimizer reports it at step()
         if not torch.isfinite(output.detach()).all():
@@ -105,7 +111,7 @@ class ErrorRecorder:
 def _error_hook(ref):
     def hook(module: nn.Module, args: tuple, output) -> None:
         self = ref()
-        if self is None or not self.enabled or not torch.is_grad_enabled():
+        if self is None or not self.enabled or not torch.is_grad_enabled() or in_functorch():
             return
         if not self.recorder.enabled or module is not self._model():  # (a deepcopy carries hooks)
             return
@@ -144,7 +150,7 @@ class InputRecorder:
 def _input_hook(ref):
     def hook(module: nn.Module, args: tuple) -> None:
         self = ref()
-        if self is None or not self.enabled or not torch.is_grad_enabled():
+        if self is None or not self.enabled or not torch.is_grad_enabled() or in_functorch():
             return
         if module is not self._model():  # a deepcopy of the model carries the hook along
             return

@@ -33,6 +33,8 @@ from torch import nn
 
 from curvkit.capture.rules.base import ExplicitAdapter, LayerAdapter, UnsupportedLayerError
 from curvkit.capture.rules.conv import CONVS, TRANSPOSED, ConvAdapter, ConvTransposeAdapter
+from curvkit.capture.rules.conv1d_hf import QUALNAME as _HF_CONV1D
+from curvkit.capture.rules.conv1d_hf import HFConv1DAdapter
 from curvkit.capture.rules.linear import LinearAdapter
 from curvkit.capture.rules.norm import (
     BatchNormAdapter,
@@ -42,6 +44,18 @@ from curvkit.capture.rules.norm import (
 )
 
 _RULES: dict[type[nn.Module], type[LayerAdapter]] = {}
+#: Rules bound by qualified class name (``module.qualname``), for optional packages curvkit does
+#: not import (Hugging Face ``transformers``); consulted after :data:`_RULES`.
+_NAMED_RULES: dict[str, type[LayerAdapter]] = {_HF_CONV1D: HFConv1DAdapter}
+
+
+def _qualname(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _lookup(t: type) -> type[LayerAdapter] | None:
+    rule = _RULES.get(t)
+    return rule if rule is not None else _NAMED_RULES.get(_qualname(t))
 
 
 def register_rule(module_type: type[nn.Module], rule: type[LayerAdapter]) -> None:
@@ -64,11 +78,12 @@ def register_rule(module_type: type[nn.Module], rule: type[LayerAdapter]) -> Non
 def unregister_rule(module_type: type[nn.Module]) -> None:
     """Remove the rule of ``module_type`` (its parameters then take the generic route)."""
     _RULES.pop(module_type, None)
+    _NAMED_RULES.pop(_qualname(module_type), None)
 
 
 def rule_for(module: nn.Module) -> type[LayerAdapter] | None:
     """The rule registered for the exact type of ``module``, or ``None``."""
-    return _RULES.get(type(module))
+    return _lookup(type(module))
 
 
 def resolve_rule(module: nn.Module) -> tuple[type[LayerAdapter] | None, str]:
@@ -77,11 +92,11 @@ def resolve_rule(module: nn.Module) -> tuple[type[LayerAdapter] | None, str]:
     The rule of the exact type is used; a subclass of a ruled type uses its base's rule only if it
     keeps the base's ``forward`` (and ``_conv_forward``); one that overrides them is generic.
     """
-    rule = _RULES.get(type(module))
+    rule = _lookup(type(module))
     if rule is not None:
         return rule, ""
     for base in type(module).__mro__[1:]:
-        rule = _RULES.get(base)
+        rule = _lookup(base)
         if rule is not None:
             same = all(getattr(type(module), f, None) is getattr(base, f, None)
                        for f in ("forward", "_conv_forward"))
