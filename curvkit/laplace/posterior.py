@@ -39,19 +39,16 @@ from curvkit.curvature.fisher import lowrank_operator
 from curvkit.curvature.jacobian import (
     LABEL_KEY,
     as_logits,
-    batch_size,
     check_targets,
     forward,
-    output_jacobian_factors,
-    slice_inputs,
 )
 from curvkit.laplace import saving, tuning
 from curvkit.laplace.arguments import check_arguments
 from curvkit.laplace.evidence import laplace_evidence, log_likelihood_terms, use_eigenvalues
+from curvkit.laplace.functional import functional_moments
 from curvkit.laplace.predictive import LINK_APPROX, PRED_TYPES, glm_predictive, nn_predictive
 from curvkit.laplace.prior import PriorPrecision
-from curvkit.linalg import BlockDiagonal, LinearOperator, ScaledFactor, StackedFactor, Woodbury
-from curvkit.linalg.lowrank import CHUNK_BYTES
+from curvkit.linalg import BlockDiagonal, LinearOperator, ScaledFactor, Woodbury
 from curvkit.linalg.operator import DampingError
 from curvkit.typing import Kind, Likelihood, Structure
 
@@ -294,23 +291,13 @@ class LaplacePosterior:
         return self._from_layer(d[:, None])[:, 0].to(self.mean.dtype)
 
     def _functional(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(f(x; θ_MAP), J Λ⁻¹ Jᵀ)`` with shapes ``(N, C)`` and ``(N, C, C)``."""
+        """``(f(x; θ_MAP), J Λ⁻¹ Jᵀ)`` with shapes ``(N, C)`` and ``(N, C, C)``, chunked over the
+        test inputs (:func:`curvkit.laplace.functional.functional_moments`)."""
         if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] == 0):
             raise ValueError("x must be a non-empty batch of inputs")
-        n_x = batch_size(x)
-        with torch.no_grad():
-            C = int(forward(self.model, slice_inputs(x, 0, 1), self.output_fn).shape[1])
-        # per test input: C columns of J_t (P each, float64) and, for a low-rank core, M × C Grams
-        per_input = 8 * C * (3 * (self.rank or 0) + 2 * self.num_params)
-        step = max(1, min(n_x, CHUNK_BYTES // max(1, per_input)))
-        damping = self.damping()
-        means, covs = [], []
-        for i in range(0, n_x, step):
-            out, Jt = output_jacobian_factors(self.model, slice_inputs(x, i, i + step), self.layers,
-                                              self.output_fn)
-            means.append(out)
-            covs.append(self.precision.inverse_quad_blocks(StackedFactor(Jt), C, damping))
-        return torch.cat(means), torch.cat(covs).to(self.mean.dtype)
+        f_mean, f_var = functional_moments(self.model, x, self.layers, self.precision,
+                                           self.damping(), self.rank, self.output_fn)
+        return f_mean, f_var.to(self.mean.dtype)
 
     def functional_variance(self, x: Tensor) -> Tensor:
         """``Σ_f(x_n) = J(x_n) Λ⁻¹ J(x_n)ᵀ`` per input, ``(N, C, C)`` (GLM functional covariance)."""

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from curvkit.linalg.lowrank import column_group_grams
+from curvkit.linalg.lowrank import chunked_group_grams
 from curvkit.linalg.operator import Damping, LinearOperator, SingularError, damping_str
 
 
@@ -71,8 +71,30 @@ class Diagonal(LinearOperator):
         return 1.0 / self._damped(damping)
 
     def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
-        H = J.dense(torch.float64) * self._damped(damping).rsqrt()[:, None]
-        return column_group_grams(H, R)
+        """``Jᵀ diag(a + d)⁻¹ J`` blocks, row block by row block of ``J``.
+
+        A layer factor's block is
+        :meth:`~curvkit.linalg.OuterProductFactor.weighted_block_grams64` with ``w = 1/(a + d)`` on
+        its ``d_out × d_in`` grid (``T = 1``: ``Σ_i e_{ri} e_{r'i} W_{ni}``,
+        ``W = (a_in ⊙ a_in) wᵀ``), no ``P × M`` matrix; other blocks use explicit float64
+        columns in bounded chunks. Scalar and per-parameter damping alike.
+        """
+        from curvkit.linalg.outer import as_outer
+
+        inv = 1.0 / self._damped(damping)
+        out, off = None, 0
+        for b in J.row_blocks():
+            w = inv[off:off + b.size]
+            off += b.size
+            layer = as_outer(b)
+            if layer is not None and layer[0].R == R:
+                f, scale = layer
+                q = f.weighted_block_grams64(w.reshape(f.d_out, f.d_in)) * scale**2
+            else:
+                r = w.sqrt()[:, None]
+                q = chunked_group_grams(b, R, lambda X, r=r: X * r)
+            out = q if out is None else out.add_(q)
+        return out
 
     def _eigenvalues(self) -> Tensor:
         return self.d.to(torch.float64).clamp_min(0.0)

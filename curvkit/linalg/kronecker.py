@@ -444,12 +444,31 @@ class Kronecker(LinearOperator):
         return ((UB**2) @ (1.0 / lam) @ (UA**2).T).reshape(-1)
 
     def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
+        """``Jᵀ (B ⊗ A + δI)⁻¹ J`` blocks in the eigenbasis: ``Σ_{ij} H_{m,ij} H_{m',ij} / λ_ij`` with
+        ``H_m = U_Bᵀ G_m U_A``, ``λ_ij = s_B,i s_A,j + δ`` (scalar ``δ`` only).
+
+        A layer factor (column ``G_m = Σ_t e_{mt} a_{nt}ᵀ``) is rotated, ``ã = a U_A``,
+        ``ẽ = e U_B``, and :meth:`~curvkit.linalg.OuterProductFactor.weighted_block_grams64` with
+        ``w = 1/λ`` gives the blocks without the ``P × M`` matrix (``T = 1``:
+        ``Σ_i ẽ_{ri} ẽ_{r'i} W_{ni}``, ``W = (ã ⊙ ã)(1/λ)ᵀ``). Other factors: explicit float64
+        columns in bounded chunks.
+        """
+        from curvkit.linalg.lowrank import chunked_group_grams
+        from curvkit.linalg.outer import as_outer
+
         lam = self._damped_eigenvalues(damping, "the functional variance")
-        X = J.dense(torch.float64)
-        H = self._to_eig(X) * lam.rsqrt()[:, None, :]  # (o, k, d)
-        n = X.shape[1] // R
-        H = H.reshape(self.d_out, n, R, self.d_in).permute(1, 2, 0, 3).reshape(n, R, -1)
-        return H @ H.transpose(1, 2)
+        UA, UB, _ = self._eigenbasis()
+        layer = as_outer(J)
+        if layer is not None and layer[0].R == R and (layer[0].d_out, layer[0].d_in) == lam.shape:
+            f, scale = layer
+            rot = f.rotated(UA, None if self.B is None else UB)
+            return rot.weighted_block_grams64(1.0 / lam) * scale**2
+
+        def whitened(X: Tensor) -> Tensor:  # (P, k) -> vec of U_Bᵀ G U_A ⊘ √λ per column
+            H = self._to_eig(X) * lam.rsqrt()[:, None, :]  # (o, k, d)
+            return H.transpose(0, 1).reshape(X.shape[1], -1).T
+
+        return chunked_group_grams(J, R, whitened)
 
     def _eigenvalues(self) -> Tensor:
         return self._eigenbasis()[2].reshape(-1)

@@ -35,6 +35,22 @@ def column_group_grams(H: Tensor, R: int) -> Tensor:
     return torch.einsum("pnr,pnq->nrq", G, G)
 
 
+def chunked_group_grams(J: LowRankFactor, R: int, transform) -> Tensor:
+    """``(n, R, R)`` Grams ``H_gᵀ H_g`` of ``H = transform(J)``, over chunks of whole groups.
+
+    ``J`` (``P × nR``) is materialised in float64 column chunks of about ``CHUNK_BYTES``
+    (:meth:`LowRankFactor.columns64`), so the memory stays bounded whatever ``n``; ``transform``
+    maps a ``(P, k)`` float64 chunk to the ``(P', k)`` matrix whose column Grams are wanted.
+    One group that would not fit is refused with a GB estimate.
+    """
+    n = J.rank // R
+    per_group = 3 * 8 * R * J.size
+    check_memory(per_group, f"{R} explicit Jacobian columns of {J.size} parameters", J.device)
+    g = max(1, min(n, CHUNK_BYTES // per_group))
+    return torch.cat([column_group_grams(transform(J.columns64(i * R, min(n, i + g) * R)), R)
+                      for i in range(0, n, g)])
+
+
 def rank_one_split(S: Tensor, rtol: float = 1e-12) -> tuple[Tensor, Tensor] | None:
     """``(r, c)`` with ``S = r cᵀ`` if the positive matrix ``S`` has rank one, else ``None``."""
     r = S[:, 0]
