@@ -82,7 +82,8 @@ class Diagonal(LinearOperator):
         from curvkit.linalg.outer import as_outer
 
         inv = 1.0 / self._damped(damping)
-        out, off = None, 0
+        out: Tensor | None = None
+        off = 0
         for b in J.row_blocks():
             w = inv[off:off + b.size]
             off += b.size
@@ -94,6 +95,7 @@ class Diagonal(LinearOperator):
                 r = w.sqrt()[:, None]
                 q = chunked_group_grams(b, R, lambda X, r=r: X * r)
             out = q if out is None else out.add_(q)
+        assert out is not None  # J has at least one row block
         return out
 
     def _eigenvalues(self) -> Tensor:
