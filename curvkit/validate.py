@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from curvkit.curvature import Curvature, fisher
 from curvkit.curvature import structures as registered_structures
 from curvkit.curvature.data import is_single_batch, iter_batches
+from curvkit.curvature.distributed import all_reduce_sum
 from curvkit.curvature.kfac import KroneckerBlockDiagonal, factors_of, input_factor
 from curvkit.curvature.layout import BlockLayout
 from curvkit.curvature.streaming import (
@@ -192,7 +193,11 @@ def _check_args(reference: str, damping: float, structs: tuple[str, ...], likeli
 
 def _gradient(model: nn.Module, inputs, targets: Tensor | None, likelihood: str,
               params: list[nn.Parameter], num_data: int) -> Tensor:
-    """``∇L`` of ``L = (1/N) Σ_n −log p(y_n|x_n)`` over one batch or all batches, flat."""
+    """``∇L`` of ``L = (1/N) Σ_n −log p(y_n|x_n)`` over one batch or all batches, flat.
+
+    With a ``torch.distributed`` group each rank sums over its shard and the sums are
+    all-reduced, so every rank holds the gradient of the union (``N`` counts every rank's data).
+    """
     total = None
     for b in iter_batches(inputs, targets, progress=False):
         if b.targets is None:
@@ -208,7 +213,9 @@ def _gradient(model: nn.Module, inputs, targets: Tensor | None, likelihood: str,
         g = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                        for g, p in zip(grads, params)]).detach()
         total = g if total is None else total + g
-    return total
+    if total is None:
+        raise ValueError("compare got no batch; pass at least one")
+    return all_reduce_sum([total])[0]  # torch.distributed: every rank's shard of the union
 
 
 def _layer_blocks(F: Curvature, x: Tensor) -> list[Tensor]:
@@ -280,7 +287,10 @@ def compare(
         inputs: the batch (``N`` inputs; tensor, tuple or dict as in :func:`curvkit.fisher`), or
             an iterable of ``(x, y)`` batches (a ``DataLoader``): then every structure is the
             Fisher of the union and ``∇L`` the mean gradient over all data (the iterable is
-            passed over once per structure, so it must be re-iterable).
+            passed over once per structure, so it must be re-iterable). With an initialised
+            ``torch.distributed`` group each rank passes its shard and gets the report of the
+            union (``reference="woodbury"``: the Woodbury columns stay with their ranks;
+            ``"explicit"``: they are gathered for the dense matrices).
         targets: the data labels (for the gradient ``∇L``, and for ``kind="empirical"``); with
             an iterable, in its batches.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
@@ -329,7 +339,7 @@ def compare(
     def build(structure: Structure, gen: torch.Generator | None) -> Curvature:
         return fisher(model, inputs, targets, likelihood=likelihood, kind=kind, structure=structure,
                       mc_samples=mc_samples, generator=gen, params=params, progress=progress,
-                      distributed_columns="gather")
+                      distributed_columns="gather" if reference == "explicit" else "shard")
 
     F = build("full", generator)
     P = F.shape[0]
