@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.hypergrad.objective import Objective, check_tensors, weighted_mean
+from curvkit.hypergrad.objective import Objective, check_tensors, union_mean
 from curvkit.hypergrad.solve import (
     Terms,
     check_operator,
@@ -45,7 +45,7 @@ def _inner_terms(inner: Objective, params: list[Tensor]) -> Iterator[tuple[float
 
 
 def _mixed(terms: Terms | Iterator[tuple[float, list[Tensor]]], v: list[Tensor],
-           hparams: list[Tensor]) -> list[Tensor | None]:
+           hparams: list[Tensor], distributed: bool) -> list[Tensor | None]:
     """The mixed term ``∂_φ (∇_θ L_T · stopgrad(v)) = (1/W) Σ_k w_k ∂_φ (∇_θ L_k · v)``.
 
     One double-backward per term; ``None`` where ``φ_i`` does not reach ``∇_θ L_T``.
@@ -61,7 +61,7 @@ def _mixed(terms: Terms | Iterator[tuple[float, list[Tensor]]], v: list[Tensor],
                 if m is not None:
                     parts[i].append(m)
                     weights[i].append(w)
-    return [weighted_mean(p, ws, total) if p else None for p, ws in zip(parts, weights)]
+    return union_mean(parts, weights, total, hparams, distributed)
 
 
 def implicit_grad(
@@ -130,7 +130,10 @@ def implicit_grad(
             raises; if ``True`` their implicit term is taken as zero.
         return_info: also return ``{"v", "method", "iterations", "residual"}``.
         inner_data: ``None`` (``inner_loss`` is a closure), one batch, or an iterable of
-            batches (a ``DataLoader``; tensors, ``(inputs, targets)`` tuples or dicts).
+            batches (a ``DataLoader``; tensors, ``(inputs, targets)`` tuples or dicts). With an
+            initialised ``torch.distributed`` group, this rank's shard: the sums over batches
+            are all-reduced, giving the union of every rank's data (pair it with the union
+            Fisher ``curvkit.fisher(model, shard_loader)``; ``"hessian"`` is then refused).
         outer_data: the same for ``outer_loss``.
         progress: tqdm bars over iterables of batches (default on).
 
@@ -139,6 +142,8 @@ def implicit_grad(
         ``return_info``, a tuple ``(hypergradients, info)``.
 
     Raises:
+        NotImplementedError: ``curvature="hessian"`` with ``inner_data`` under
+            ``torch.distributed``.
         TypeError: a loss that is not callable, a curvature of the wrong type or dtype.
         ValueError: bad arguments, an unused hparam / param (unless ``allow_unused``), a
             curvature built for other parameters, data without batches.
@@ -165,6 +170,11 @@ def implicit_grad(
         tol = 1e-10 if params[0].dtype == torch.float64 else 1e-5
     inner = Objective(inner_loss, inner_data, "inner_loss", progress)
     outer = Objective(outer_loss, outer_data, "outer_loss", progress)
+    if inner.distributed and isinstance(curvature, str):
+        raise NotImplementedError(
+            "curvature='hessian' with inner_data under torch.distributed is not supported (its "
+            "products would need every rank's graphs); pass a curvkit curvature of the union, "
+            "e.g. curvkit.fisher(model, train_loader), or a closure")
 
     with torch.enable_grad():
         # the gradient terms of L_T with graphs: kept for a closure and for the Hessian; over
@@ -191,7 +201,7 @@ def implicit_grad(
                                      "increase damping")
         v_list = [t.detach() for t in unflat(v, params)]
         mixed = _mixed(terms if terms is not None else _inner_terms(inner, params), v_list,
-                       hparams)
+                       hparams, inner.distributed)
 
     out = []
     for i, (h, m, d) in enumerate(zip(hparams, mixed, dphi)):

@@ -9,6 +9,9 @@ targets)`` tuples, dicts; parsed as :func:`curvkit.fisher` parses them). Over ba
     L = (1/N) Σ_k N_k L_k,        ∇L = (1/N) Σ_k N_k ∇L_k
 
 which equals the closure on the concatenated batch. Each pass calls ``loss`` once per batch.
+With an initialised ``torch.distributed`` group and data, each rank passes its shard and the
+sums over batches are all-reduced: the objective is that of the union of every rank's data
+(closures are taken as they are, per rank).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import torch
 from torch import Tensor
 
 from curvkit.curvature.data import iter_batches
+from curvkit.curvature.distributed import all_reduce_sum, is_distributed
 
-__all__ = ["Objective", "weighted_mean", "check_tensors"]
+__all__ = ["Objective", "weighted_mean", "union_mean", "check_tensors"]
 
 
 def check_tensors(tensors: Any, what: str) -> list[Tensor]:
@@ -59,6 +63,27 @@ def weighted_mean(parts: list[Tensor], weights: list[float], total: float) -> Te
     return out
 
 
+def union_mean(parts: list[list[Tensor]], weights: list[list[float]], total: float,
+               like: list[Tensor], distributed: bool) -> list[Tensor | None]:
+    """Per tensor ``(1/W) Σ_k w_k x_k`` (``None`` where no term has one), ``W = total``.
+
+    With ``distributed`` the sums, the weights and which tensors were reached are all-reduced over
+    the ``torch.distributed`` ranks first (every rank must call it), so the mean is that of the
+    union of every rank's data.
+    """
+    if not distributed:
+        return [weighted_mean(p, ws, total) if p else None for p, ws in zip(parts, weights)]
+    sums = [torch.zeros_like(t).detach() for t in like]
+    for s, p, ws in zip(sums, parts, weights):
+        for x, w in zip(p, ws):
+            s.add_(x.detach(), alpha=w)
+    reached = torch.tensor([1.0 if p else 0.0 for p in parts], dtype=torch.float64,
+                           device=like[0].device)
+    W = torch.tensor([float(total)], dtype=torch.float64, device=like[0].device)
+    all_reduce_sum([*sums, reached, W])
+    return [s / float(W) if r > 0 else None for s, r in zip(sums, reached)]
+
+
 class Objective:
     """A scalar objective as a closure or as per-batch mean losses over data (module docstring).
 
@@ -79,6 +104,8 @@ class Objective:
             raise TypeError(f"{what} must be a callable with {args} returning a scalar tensor, "
                             f"got {type(fn).__name__}")
         self.fn, self.data, self.what, self.progress = fn, data, what, progress
+        #: per-batch losses over each rank's shard of the data: sums are all-reduced
+        self.distributed = data is not None and is_distributed()
 
     def _scalar(self, out: Any, call: str) -> Tensor:
         if not isinstance(out, Tensor) or out.numel() != 1:
@@ -124,4 +151,4 @@ class Objective:
                 if g is not None:
                     parts[i].append(g)
                     weights[i].append(w)
-        return [weighted_mean(p, ws, total) if p else None for p, ws in zip(parts, weights)]
+        return union_mean(parts, weights, total, tensors, self.distributed)
