@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from curvkit.capture import forward
 from curvkit.curvature.build import BuildContext, register_structure
+from curvkit.curvature.layout import BlockLayout
 from curvkit.linalg import Diagonal
 
 __all__ = ["BACKENDS", "capture_diagonal", "backpack_diagonal"]
@@ -136,17 +137,14 @@ def backpack_diagonal(ctx: BuildContext) -> Tensor:
 
     parts = []
     for layer in ctx.layers:
-        cols = []
-        m_name = layer.name
+        qs = []  # per selected parameter, its diagonal shaped like it
         for pname, used in (("weight", layer.weight), ("bias", layer.bias)):
             if not used:
                 continue
-            p = copies[f"{m_name}.{pname}" if m_name else pname]
+            p = copies[f"{layer.name}.{pname}" if layer.name else pname]
             q = getattr(p, field)
-            if ctx.kind == "empirical":
-                q = (q**2).sum(0)
-            cols.append(q.reshape(layer.d_out, -1))
-        parts.append(torch.cat(cols, dim=1).reshape(-1))
+            qs.append((q**2).sum(0) if ctx.kind == "empirical" else q)
+        parts.append(BlockLayout.of(layer).block(qs).reshape(-1))  # the layer's [W | b] block
     return (torch.cat(parts) * scale).detach()
 
 
