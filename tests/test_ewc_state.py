@@ -78,7 +78,9 @@ def test_round_trip_primal_route_over_a_loader(structure):
     X, y = _data(4, n=40)  # M = 40·3 ≥ P = 39: the union takes the primal (dense) route
     ewc = EWC(model, KAPPA, structure=structure)
     ewc.consolidate(DataLoader(TensorDataset(X, y), batch_size=16), progress=False)
-    assert ewc.state_dict()["terms"][0]["form"] == "dense"
+    term = ewc.state_dict()["terms"][0]
+    assert term["form"] == "operator"
+    assert term["operator"]["type"] == ("dense" if structure == "full" else "blockdiag")
     _perturb(model, 1)
     other = EWC(model, structure=structure)
     other.load_state_dict(_reload(ewc.state_dict()))
@@ -105,26 +107,43 @@ def test_load_refuses_another_structure_and_layout():
         target.penalty()  # the failed loads left it untouched
 
 
-def test_state_of_a_user_structure_is_refused_clearly():
+def test_user_structures_save_when_linalg_can():
+    """A registered structure built from linalg operators round-trips; a user's own operator
+    class is refused with a message naming it."""
     from curvkit.curvature import register_structure
     from curvkit.curvature.build import _STRUCTURES
-    from curvkit.linalg import Diagonal
+    from curvkit.linalg import Diagonal, LinearOperator
 
-    @register_structure("ewc_test_identity", uses_loss=False)
+    class Ones(LinearOperator):
+        def _matmat(self, X):
+            return X
+
+    @register_structure("ewc_test_diag", uses_loss=False)
     def build(ctx, **options):
-        return Diagonal(torch.ones(sum(layer.size for layer in ctx.layers), dtype=torch.float64))
+        P = sum(layer.size for layer in ctx.layers)
+        return Diagonal(torch.linspace(1, 2, P, dtype=torch.float64))
+
+    @register_structure("ewc_test_own", uses_loss=False)
+    def build_own(ctx, **options):
+        return Ones(sum(layer.size for layer in ctx.layers), torch.float64, torch.device("cpu"))
 
     try:
         model = _model()
-        ewc = EWC(model, structure="ewc_test_identity")
+        ewc, own = EWC(model, structure="ewc_test_diag"), EWC(model, structure="ewc_test_own")
         ewc.consolidate(*_data(2))
+        own.consolidate(*_data(2))
         _perturb(model, 3)
+        other = EWC(model, structure="ewc_test_diag")
+        other.load_state_dict(_reload(ewc.state_dict()))
         assert ewc.penalty() > 0
-        with pytest.raises(TypeError, match=r"structure 'ewc_test_identity' keeps its Fisher as a "
-                                            r"Diagonal object.*supported for structures"):
-            ewc.state_dict()
+        torch.testing.assert_close(other.penalty(), ewc.penalty(), rtol=0, atol=0)
+        assert own.penalty() > 0
+        with pytest.raises(TypeError, match=r"structure 'ewc_test_own' keeps its Fisher as a Ones "
+                                            r"operator, which has no plain-tensor state"):
+            own.state_dict()
     finally:
-        _STRUCTURES.pop("ewc_test_identity")
+        _STRUCTURES.pop("ewc_test_diag")
+        _STRUCTURES.pop("ewc_test_own")
 
 
 @pytest.mark.parametrize("structure", ["full", "block_diag", "diag"])

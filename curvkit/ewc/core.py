@@ -338,9 +338,10 @@ def _check_anchors(anchors: list[list[Tensor]], layout: ParameterLayout) -> None
 
 def _check_terms(terms: list[Term], layout: ParameterLayout, num_anchors: int) -> None:
     L = len(layout.blocks_layout)
+    P = sum(b.size for b in layout.blocks_layout)
     for i, t in enumerate(terms):
         lists = [v for v in t.tensors.values() if isinstance(v, list)]
-        if not 0 <= t.anchor < num_anchors or any(
-                len(v) != (1 if t.form == "dense" and t.stacked else L) for v in lists):
+        if not 0 <= t.anchor < num_anchors or any(len(v) != L for v in lists) or (
+                t.operator is not None and t.operator.shape[0] != P):
             raise ValueError(f"EWC.load_state_dict: stored Fisher {i} ({t.form}) does not fit the "
-                             f"model's {L} layers and {num_anchors} anchors")
+                             f"model's {L} layers ({P} parameters) and {num_anchors} anchors")

@@ -10,14 +10,14 @@ kept in one of four forms, each made only of plain tensors so that a state dict 
   (App. E), ``u_l = G_lᵀ Δ_l = (Σ_τ ẽ_{l,mτ}ᵀ Δ_l ã_{l,nτ})_m``; ``"full"``:
   ``Δᵀ F Δ = ‖Σ_l u_l‖²``; ``"block_diag"``: ``Σ_l ‖u_l‖²``. Autograd through ``u`` gives
   ``∇ ½‖u‖² = G u = F Δ``. Cost ``O(M·P)``; nothing ``P × M`` or ``P × P`` is formed.
-* ``"dense"`` (``"full"`` / ``"block_diag"`` over many batches on the primal route): the
-  ``P × P`` matrix, or one per layer.
-* ``"kronecker"`` (``"kfac"``, ``"foof"``): per layer ``Â`` and ``B̂`` (``None`` for FOOF's
-  identity), ``F_l = B̂_l ⊗ Â_l`` (paper eq 2, eq 6).
+* ``"operator"`` (``"kfac"``: ``blockdiag_l(B̂_l ⊗ Â_l)``, paper eq 2; ``"foof"``: ``I ⊗ Â_l``,
+  eq 6; ``"full"`` / ``"block_diag"`` over many batches on the primal route: the ``P × P``
+  matrix or one per layer; any registered structure built from linalg operators): the
+  layer-space operator, ``Δᵀ F Δ = Δ · (F Δ)``, saved by :func:`curvkit.linalg.state.operator_state`.
 * ``"diagonal"`` (``"diag"``): ``diag F``.
 
-Registered structures outside these are kept as their operator (:attr:`Term.operator`); such a
-term has a penalty but no state dict.
+An operator that linalg cannot save (a user's own :class:`~curvkit.linalg.LinearOperator`
+subclass) has a penalty but no state dict.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ import torch
 from torch import Tensor
 
 from curvkit.curvature import Curvature
-from curvkit.curvature.kfac import KFACFactors, KroneckerBlockDiagonal, factors_of
 from curvkit.curvature.streaming import LayerAdapter
-from curvkit.linalg import BlockDiagonal, Dense, LinearOperator, LowRankFactor
+from curvkit.linalg import LinearOperator, LowRankFactor
+from curvkit.linalg.state import operator_from_state, operator_state
 
 __all__ = ["Term", "term_of", "FORMS", "STATE_STRUCTURES"]
 
 #: The stored forms of a Fisher (see the module docstring).
-FORMS = ("columns", "dense", "kronecker", "diagonal")
-#: Structures whose Fisher has a plain-tensor form (and so a state dict).
+FORMS = ("columns", "operator", "diagonal")
+#: Built-in structures, each with a plain-tensor state (user structures: if linalg can save them).
 STATE_STRUCTURES = ("full", "block_diag", "kfac", "foof", "diag")
 
 
@@ -48,11 +48,10 @@ class Term:
     Attributes:
         coef: the weight (``γ^{age}`` for online EWC, else 1).
         anchor: index of the anchor ``θ*`` the term is measured from.
-        form: one of :data:`FORMS`, or ``"operator"`` for another registered structure.
-        stacked: ``"columns"`` / ``"dense"``: one block over all layers (``"full"``) rather
-            than one per layer (``"block_diag"``).
-        tensors: the form's tensors: ``"a"``, ``"e"`` (per layer); ``"dense"`` (per block);
-            ``"A"``, ``"B"`` (per layer, ``B`` entries ``None`` for FOOF); ``"diagonal"``.
+        form: one of :data:`FORMS`.
+        stacked: ``"columns"``: one block over all layers (``"full"``) rather than one per
+            layer (``"block_diag"``).
+        tensors: the form's tensors: ``"a"``, ``"e"`` (per layer); ``"diagonal"``.
         num_data: ``N``, the number of data of the Fisher.
         operator: the layer-space operator of an ``"operator"`` term.
     """
@@ -64,27 +63,14 @@ class Term:
     tensors: dict[str, Any] = field(default_factory=dict)
     num_data: int = 0
     operator: LinearOperator | None = None
-    _cache: LinearOperator | list | None = field(default=None, repr=False)
+    _cache: list | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ reading Δᵀ F Δ
     def _factors(self, layers: list[LayerAdapter]) -> list:
         if self._cache is None:
             self._cache = [layer.factor(a, e) for layer, a, e in
                            zip(layers, self.tensors["a"], self.tensors["e"])]
-        return self._cache  # type: ignore[return-value]
-
-    def _operator(self, layers: list[LayerAdapter]) -> LinearOperator:
-        if self.operator is not None:
-            return self.operator
-        if self._cache is None:
-            if self.form == "dense":
-                blocks: list[LinearOperator] = [Dense(m) for m in self.tensors["dense"]]
-                self._cache = blocks[0] if self.stacked else BlockDiagonal(blocks)
-            else:
-                factors = KFACFactors(tuple(layers), tuple(self.tensors["A"]),
-                                      tuple(self.tensors["B"]), self.num_data, None)
-                self._cache = KroneckerBlockDiagonal(factors, name="EWC[kronecker]")
-        return self._cache  # type: ignore[return-value]
+        return self._cache
 
     def quadratic(self, delta: list[Tensor], layers: list[LayerAdapter]) -> Tensor:
         """``Δᵀ F Δ`` for per-layer blocks ``delta`` (``W̃_l − W̃*_l``), differentiable.
@@ -107,7 +93,8 @@ class Term:
         x = torch.cat([d.reshape(-1) for d in delta])
         if self.form == "diagonal":
             return (self.tensors["diagonal"] * x * x).sum()
-        Fx = self._operator(layers) @ x
+        assert self.operator is not None
+        Fx = self.operator @ x
         assert isinstance(Fx, Tensor)
         return torch.dot(x, Fx)
 
@@ -120,27 +107,46 @@ class Term:
                    for t in (v if isinstance(v, list) else [v]) if t is not None)
 
     def state(self, structure: str) -> dict[str, Any]:
-        """Plain state (numbers, strings, lists of tensors) for ``torch.save``.
+        """Plain state (numbers, strings, ``None``, lists and dicts of tensors) for ``torch.save``.
+
+        Args:
+            structure: the EWC's structure (for the message).
+
+        Returns:
+            The state of this term.
 
         Raises:
-            TypeError: the term holds an operator of a structure without a plain-tensor form.
+            TypeError: the term holds an operator that linalg cannot save.
         """
+        out = {"coef": self.coef, "anchor": self.anchor, "form": self.form,
+               "stacked": self.stacked, "num_data": self.num_data,
+               "tensors": {k: (list(v) if isinstance(v, list) else v)
+                           for k, v in self.tensors.items()}}
         if self.operator is not None:
-            raise TypeError(
-                f"EWC.state_dict: structure {structure!r} keeps its Fisher as a "
-                f"{type(self.operator).__name__} object, which has no plain-tensor state; "
-                f"state dicts are supported for structures {list(STATE_STRUCTURES)}")
-        return {"coef": self.coef, "anchor": self.anchor, "form": self.form,
-                "stacked": self.stacked, "num_data": self.num_data,
-                "tensors": {k: (list(v) if isinstance(v, list) else v)
-                            for k, v in self.tensors.items()}}
+            try:
+                out["operator"] = operator_state(self.operator)
+            except TypeError as err:
+                raise TypeError(
+                    f"EWC.state_dict: structure {structure!r} keeps its Fisher as a "
+                    f"{type(self.operator).__name__} operator, which has no plain-tensor state "
+                    f"({err}); the built-in structures {list(STATE_STRUCTURES)} all have one"
+                ) from err
+        return out
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> Term:
-        """Inverse of :meth:`state` (no validation; see ``EWC.load_state_dict``)."""
+        """Inverse of :meth:`state` (no validation; see ``EWC.load_state_dict``).
+
+        Args:
+            d: a term's state.
+
+        Returns:
+            The term.
+        """
+        op = d.get("operator")
         return cls(float(d["coef"]), int(d["anchor"]), str(d["form"]), bool(d["stacked"]),
                    {k: (list(v) if isinstance(v, list) else v) for k, v in d["tensors"].items()},
-                   int(d["num_data"]))
+                   int(d["num_data"]), None if op is None else operator_from_state(op))
 
 
 def _finite(ts, what: str) -> None:
@@ -174,17 +180,6 @@ def term_of(F: Curvature) -> Term:
             e.append(_own(ei))
         return Term(1.0, 0, "columns", s == "full", {"a": a, "e": e}, N)
     op = F.operator
-    if s == "full" and isinstance(op, Dense):
-        return Term(1.0, 0, "dense", True, {"dense": [_own(op.to_dense())]}, N)
-    if s == "block_diag" and isinstance(op, BlockDiagonal) and all(
-            isinstance(b, Dense) for b in op.blocks):
-        return Term(1.0, 0, "dense", False, {"dense": [_own(b.to_dense()) for b in op.blocks]}, N)
-    if s in ("kfac", "foof") and isinstance(op, KroneckerBlockDiagonal):
-        fac = factors_of(F)
-        _finite((*fac.A, *fac.B), "factors")
-        return Term(1.0, 0, "kronecker", False,
-                    {"A": [_own(A) for A in fac.A],
-                     "B": [None if B is None else _own(B) for B in fac.B]}, N)
     if s == "diag":
         d = _own(op.diagonal())
         _finite((d,), "diagonal (non-finite entries)")
