@@ -269,8 +269,13 @@ class Woodbury(LinearOperator):
                 out[j:j + kk] = fac.inv_sqrt(y).T.to(self.dtype)
                 continue
             z = torch.randn(M, kk, dtype=torch.float64, device=self.device, generator=generator)
-            w = fac.solve(V.rmatmat(y.to(V.dtype)).to(torch.float64) + math.sqrt(c) * z)
-            out[j:j + kk] = ((y - V.matmat(w.to(V.dtype)).to(self.dtype)) * r).T
+            w = fac.solve(V.rmatmat64(y) + math.sqrt(c) * z)
+            # y − V w nearly cancels along the top posterior directions: float64 accumulation,
+            # one rounding (the same care as the dual solve; module doc)
+            if R.dim():
+                out[j:j + kk] = (V.sub_matmat64(y, w, 1.0) * r).T
+            else:
+                out[j:j + kk] = V.sub_matmat64(y, w, float(R)).T
         return out.T
 
     def _inverse_diagonal(self, damping: Damping) -> Tensor:
