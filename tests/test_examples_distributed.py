@@ -15,7 +15,8 @@ ARGS = ["--rows", "60", "--steps", "5", "--batch-size", "16"]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("distributed_laplace", ROOT / "examples" / "distributed_laplace.py")
+    path = ROOT / "examples" / "distributed_laplace.py"
+    spec = importlib.util.spec_from_file_location("distributed_laplace", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
