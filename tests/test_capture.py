@@ -179,9 +179,9 @@ def test_vector_errors():
 
 
 def test_gram_memory_error_says_gb(monkeypatch):
-    import curvkit.linalg.operator as op
+    import curvkit.linalg.memory as memory_mod
 
-    monkeypatch.setattr(op, "available_memory_bytes", lambda device="cpu": 1_000)
+    monkeypatch.setattr(memory_mod, "available_memory_bytes", lambda device="cpu": 1_000)
     case = mlp(True)
     F = curvkit.fisher(case.model, case.inputs, kind="exact")
     msg = r"18×18 Gram of .* needs [\d.e-]+ GB but only [\d.e-]+ GB is available"

@@ -25,7 +25,7 @@ from cases import Case, binary, cnn, mlp, regression
 from torch import nn
 
 import curvkit
-import curvkit.linalg.operator as operator_mod
+import curvkit.linalg.memory as memory_mod
 from curvkit.capture import UnsupportedLayerError
 from curvkit.laplace import LaplacePosterior, probit
 from curvkit.laplace.posterior import LOWRANK_STRUCTURES
@@ -439,6 +439,6 @@ def test_memory_errors_state_gigabytes(monkeypatch):
     with pytest.raises(MemoryError, match=r"needs \d+\.\d+ GB"):
         post.sample(10**12)
     # a general elementwise prior needs the per-sample gradients of each layer
-    monkeypatch.setattr(operator_mod, "available_memory_bytes", lambda device="cpu": 100)
+    monkeypatch.setattr(memory_mod, "available_memory_bytes", lambda device="cpu": 100)
     with pytest.raises(MemoryError, match=r"per-sample gradients.*needs .* GB"):
         _post(prior_precision=torch.linspace(1, 2, 39, dtype=f64))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import curvkit.linalg.operator as operator_mod
+import curvkit.linalg.memory as memory_mod
 from curvkit.curvature.fisher import reduce_softmax_errors, softmax_null_basis
 from curvkit.linalg import DenseFactor, OuterProductFactor, ScaledFactor, StackedFactor, Woodbury
 from curvkit.linalg.outer import colmajor
@@ -183,7 +183,7 @@ def test_route_auto_picks_cheaper_route():
 
 
 def test_route_memory_error_states_gigabytes(monkeypatch):
-    monkeypatch.setattr(operator_mod, "available_memory_bytes", lambda device="cpu": 10)
+    monkeypatch.setattr(memory_mod, "available_memory_bytes", lambda device="cpu": 10)
     import curvkit.linalg.woodbury as woodbury_mod
 
     monkeypatch.setattr(woodbury_mod, "available_memory_bytes", lambda device="cpu": 10)

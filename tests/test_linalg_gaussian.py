@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse.linalg as spla
 import torch
 
-import curvkit.linalg.operator as operator_mod
+import curvkit.linalg.memory as memory_mod
 from curvkit.linalg import (
     BlockDiagonal,
     Dense,
@@ -161,7 +161,7 @@ def test_solve_rejects_non_finite_right_hand_side(name):
 @pytest.mark.parametrize("name", ["diagonal", "kronecker", "blockdiag"])
 def test_to_dense_memory_check(name, monkeypatch):
     op, _ = make(name)
-    monkeypatch.setattr(operator_mod, "available_memory_bytes", lambda device="cpu": 10)
+    monkeypatch.setattr(memory_mod, "available_memory_bytes", lambda device="cpu": 10)
     with pytest.raises(MemoryError, match=r"to_dense\(\) needs .* GB"):
         op.to_dense()
     with pytest.raises(MemoryError, match=r"to_dense\(\) needs .* GB"):

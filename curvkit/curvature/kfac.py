@@ -64,7 +64,7 @@ from curvkit.capture import LayerAdapter, UnsupportedLayerError, capture_inputs
 from curvkit.curvature.base import Curvature
 from curvkit.curvature.build import BuildContext, register_structure
 from curvkit.linalg import BlockDiagonal, Kronecker
-from curvkit.linalg.operator import check_memory
+from curvkit.linalg.memory import check_memory
 
 __all__ = [
     "KFACFactors", "KroneckerBlockDiagonal", "input_factor", "output_factor", "location_gram",

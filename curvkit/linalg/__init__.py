@@ -10,13 +10,8 @@ from curvkit.linalg.dense import Dense
 from curvkit.linalg.diagonal import Diagonal
 from curvkit.linalg.kronecker import Kronecker, pi_damping
 from curvkit.linalg.lowrank import DenseFactor, LowRankFactor, ScaledFactor, StackedFactor
-from curvkit.linalg.operator import (
-    DampingError,
-    LinearOperator,
-    SingularError,
-    available_memory_bytes,
-    check_memory,
-)
+from curvkit.linalg.memory import available_memory_bytes, check_memory
+from curvkit.linalg.operator import DampingError, LinearOperator, SingularError
 from curvkit.linalg.outer import OuterProductFactor
 from curvkit.linalg.woodbury import Woodbury
 

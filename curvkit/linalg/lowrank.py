@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvkit.linalg.operator import check_memory
+from curvkit.linalg.memory import check_memory
 
 #: Peak bytes of one chunk of ``(P, k)`` intermediates (samples, columns).
 CHUNK_BYTES = 2**28

@@ -24,7 +24,6 @@ damping sign and shape, memory) done once.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -32,6 +31,9 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
+# available_memory_bytes is re-exported for modules that still import it from here
+from curvkit.linalg.memory import available_memory_bytes as available_memory_bytes
+from curvkit.linalg.memory import check_memory
 from curvkit.typing import DampingMode
 
 Vector = Tensor | list[Tensor] | tuple[Tensor, ...]
@@ -467,45 +469,3 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         return f"{self.name}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
-
-
-def available_memory_bytes(device: torch.device | str = "cpu") -> int:
-    """Free memory on ``device`` in bytes.
-
-    CUDA: ``torch.cuda.mem_get_info``. CPU: ``psutil.virtual_memory().available`` when psutil is
-    installed (it is in every extra), else the free physical pages from
-    ``os.sysconf`` (which leave out reclaimable caches, so memory checks err on the safe side).
-
-    Raises:
-        RuntimeError: If neither psutil nor ``os.sysconf`` can tell (``pip install psutil``).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        return int(psutil.virtual_memory().available)
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-    except (AttributeError, ValueError, OSError) as err:
-        raise RuntimeError("cannot determine the available memory on this system; "
-                           "pip install psutil") from err
-
-
-def _gb(nbytes: float) -> str:
-    gb = nbytes / 1e9
-    return f"{gb:.2f}" if gb >= 0.01 else f"{gb:.2g}"
-
-
-def check_memory(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
-    """Raise ``MemoryError`` (saying how many GB) if ``nbytes`` would not fit on ``device``."""
-    free = available_memory_bytes(device)
-    if nbytes > 0.9 * free:
-        raise MemoryError(
-            f"{what} needs {_gb(nbytes)} GB but only {_gb(free)} GB is available on "
-            f"{torch.device(device)}; use a smaller batch, fewer MC samples or a structured "
-            "approximation (structure='kfac', 'foof' or 'diag')"
-        )

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from curvkit.linalg.lowrank import CHUNK_BYTES, LowRankFactor, rank_one_split
-from curvkit.linalg.operator import check_memory
+from curvkit.linalg.memory import check_memory
 
 #: Entries of the float64 row-chunk buffer of the float64-accumulated products (2 MB).
 CHUNK64 = 2**18

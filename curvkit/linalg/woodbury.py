@@ -70,7 +70,8 @@ from curvkit.linalg.lowrank import (
     StackedFactor,
     column_group_grams,
 )
-from curvkit.linalg.operator import Damping, LinearOperator, available_memory_bytes, check_memory
+from curvkit.linalg.memory import available_memory_bytes, check_memory
+from curvkit.linalg.operator import Damping, LinearOperator
 from curvkit.linalg.outer import colmajor
 
 __all__ = ["Woodbury", "LowRankFactor", "DenseFactor", "StackedFactor"]
