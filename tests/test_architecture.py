@@ -120,3 +120,14 @@ def test_hooks_only_in_capture(path):
 def test_ruff_clean():
     proc = subprocess.run(["ruff", "check", "curvkit"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+#: Small files, one concept each (issue 11 item 5).
+MAX_LINES = 500
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(PKG)) for p in FILES])
+def test_files_are_small(path):
+    n = len(path.read_text().splitlines())
+    assert n < MAX_LINES, (f"{path.relative_to(ROOT)} has {n} lines (limit {MAX_LINES}); split it by "
+                           "concept")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +83,8 @@ class Curvature(LinearOperator):
     @property
     def formula(self) -> str:
         """The Fisher definition and scaling this operator represents (or approximates)."""
-        base = FISHER_FORMULAS.get(self.kind, "F ≈ I ⊗ Â, Â = (1/N) Σₙ Σₜ ã ãᵀ (loss-independent)")
+        loss_free = "F ≈ I ⊗ Â, Â = (1/N) Σₙ Σₜ ã ãᵀ (loss-independent)"
+        base = FISHER_FORMULAS.get(self.kind, loss_free) if self.kind is not None else loss_free
         return f"{base}, g = ∇θ(−log p(y|x,θ)), likelihood={self.likelihood!r}, N={self.num_data}"
 
     def __repr__(self) -> str:
@@ -119,7 +121,7 @@ class Curvature(LinearOperator):
     def from_layer_matrices(self, mats: Sequence[Tensor]) -> list[Tensor]:
         """Per-layer ``W̃_l`` matrices -> list of tensors shaped like :attr:`params`."""
         Y = torch.cat([m.reshape(-1) for m in mats]).unsqueeze(1)
-        return self._from_matrix(self.from_layer_space(Y), "list")
+        return cast(list[Tensor], self._from_matrix(self.from_layer_space(Y), "list"))
 
     # ------------------------------------------------------------------ contract
     def _matmat(self, X: Tensor) -> Tensor:

@@ -87,6 +87,7 @@ class BuildContext:
 
     @cached_property
     def captured(self) -> Captured:
+        """The capture of the batch (per-layer inputs and Fisher errors), computed on first use."""
         return capture(
             self.model, self.inputs, self.layers, self.targets, likelihood=self.likelihood,
             kind=self.kind, mc_samples=self.mc_samples, generator=self.generator,
@@ -96,6 +97,7 @@ class BuildContext:
 
     @property
     def num_data(self) -> int:
+        """``N``, the number of data in the batch."""
         return batch_size(self.inputs)
 
 
@@ -122,6 +124,19 @@ def layer_index(params: Sequence[nn.Parameter], layers: Sequence[LayerAdapter]) 
 
 
 def resolve_params(model: nn.Module, params) -> list[nn.Parameter]:
+    """The parameters a curvature is built for.
+
+    Args:
+        model: the network.
+        params: an iterable of its parameters, or ``None`` for every parameter that requires grad.
+
+    Returns:
+        The parameters as a list.
+
+    Raises:
+        ValueError: no parameters.
+        TypeError: the parameters do not share one dtype and device.
+    """
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     params = list(params)

@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -103,7 +103,7 @@ def iter_batches(data: Any, targets: Any = None, label_key: str = "labels",
         raise ValueError("targets=... goes with a single batch; with an iterable of batches each "
                          "batch carries its labels: (inputs, targets) tuples or dicts with a "
                          f"{label_key!r} key")
-    total = len(data) if hasattr(data, "__len__") else None
+    total = len(cast(Sized, data)) if hasattr(data, "__len__") else None
     bar = tqdm(data, total=total, desc=desc, disable=progress is False, leave=False,
                dynamic_ncols=True)
     try:
@@ -179,7 +179,8 @@ def _mean_union(structure: str, builder, contexts: Iterator, options: dict):
     """KFAC / FOOF factors or the diagonal: ``N_k``-weighted sums, then ``/N``."""
     from curvkit.curvature.kfac import KFACFactors, KroneckerBlockDiagonal
 
-    N, sums, first = 0, None, None
+    N, first = 0, None
+    sums: list[Tensor] | None = None
     for ctx in contexts:
         op = builder(ctx, **options)
         n = ctx.num_data
@@ -193,7 +194,7 @@ def _mean_union(structure: str, builder, contexts: Iterator, options: dict):
         if first is None:
             first = op
         N += n
-    if first is None:
+    if first is None or sums is None:  # both None together: no batch
         if not dd.is_distributed():
             raise _no_data()
         raise ValueError("this rank's shard yielded no batch; give every rank at least one")
@@ -223,7 +224,8 @@ class _Columns:
         self.num_layers = 0
         self.seen = 0
         self.R = 1
-        self.kind = self.likelihood = None
+        self.kind: str | None = None
+        self.likelihood: str | None = None
 
     @property
     def kept(self) -> int:
@@ -262,11 +264,13 @@ class _Columns:
             for ls, (t, _) in zip(self.parts, fields):
                 ls.append(t)
         else:
-            self._reservoir(fields, n)
+            self._reservoir(fields, n, self.keep)
         self.seen += n
 
-    def _reservoir(self, fields: list[tuple[Tensor, int]], n: int) -> None:
-        k = self.keep
+    def _reservoir(self, fields: list[tuple[Tensor, int]], n: int, k: int) -> None:
+        gen = self.generator
+        if gen is None:  # build() checks it first
+            raise ValueError("subsample=k needs subsample_generator=torch.Generator()")
         if not self.parts:
             self.parts = [[t.new_zeros((k * per, *t.shape[1:]))] for t, per in fields]
         chosen: dict[int, int] = {}
@@ -275,8 +279,7 @@ class _Columns:
             if g < k:
                 chosen[g] = j
             else:
-                r = int(torch.randint(0, g + 1, (1,), generator=self.generator,
-                                      device=self.generator.device))
+                r = int(torch.randint(0, g + 1, (1,), generator=gen, device=gen.device))
                 if r < k:
                     chosen[r] = j  # a later datum of this batch overrides an earlier one
         if not chosen:
@@ -303,6 +306,8 @@ class _Columns:
         ts = self.tensors()
         L, s = self.num_layers, 1.0 / math.sqrt(N)
         sampled = ts[2 * L + 1].movedim(0, 1).contiguous() if len(ts) > 2 * L + 1 else None
+        if self.kind is None or self.likelihood is None:  # build() refuses empty data first
+            raise ValueError("no batch was captured")
         return Captured(list(layers), ts[:L], [e * s for e in ts[L:2 * L]], ts[2 * L], sampled,
                         self.kind, self.likelihood)
 
@@ -370,11 +375,11 @@ def _column_union(ctx0, structure, builder, contexts: Iterator, data, options, s
                 raise _budget_error(structure, N, cols.R, need, budget, P, primal_bytes)
     if N == 0:
         raise _no_data()
-    total = torch.tensor([float(N), float(cols.kept * cols.R)], dtype=torch.float64, device=device)
-    dd.all_reduce_sum([total])
-    N = int(total[0].item())
+    counts = torch.tensor([float(N), float(cols.kept * cols.R)], dtype=torch.float64, device=device)
+    dd.all_reduce_sum([counts])
+    N = int(counts[0].item())
     if dense is None and dd.is_distributed() and route == "auto" and subsample is None \
-            and int(total[1].item()) >= big and primal_bytes <= budget:  # decided by all ranks
+            and int(counts[1].item()) >= big and primal_bytes <= budget:  # decided by all ranks
         dense = _columns_to_dense(cols, ctx0, structure, options)
     if dense is not None:
         dd.all_reduce_sum(dense)

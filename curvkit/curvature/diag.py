@@ -152,6 +152,8 @@ def _backpack_targets(ctx: BuildContext, outputs: Tensor) -> Tensor:
     """Data targets (empirical), else placeholders (BackPACK's exact/MC ignore them)."""
     if ctx.kind == "empirical":
         t = ctx.targets
+        if t is None:
+            raise ValueError("kind='empirical' needs the data targets: pass targets=...")
         return t if ctx.likelihood == "classification" else t.to(outputs.dtype)
     if ctx.likelihood == "classification":
         return torch.zeros(outputs.shape[0], dtype=torch.long, device=outputs.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from typing_extensions import override
 
 from curvkit.linalg import LowRankFactor, OuterProductFactor, StackedFactor
 
@@ -96,9 +97,11 @@ class ShardedFactor(LowRankFactor):
         self.rank = sum(self.counts)
         self.offset = sum(self.counts[: rank()])
 
+    @override
     def rmatmat(self, X: Tensor) -> Tensor:
         return all_gather_rows(self.local.rmatmat(X))
 
+    @override
     def matmat(self, W: Tensor) -> Tensor:
         out = self.local.matmat(W[self.offset:self.offset + self.local.rank].contiguous())
         return all_reduce_sum([out.contiguous()])[0]
@@ -107,11 +110,11 @@ class ShardedFactor(LowRankFactor):
         blocks = self.local.blocks if isinstance(self.local, StackedFactor) else [self.local]
         if not all(isinstance(b, OuterProductFactor) for b in blocks):
             raise TypeError("ShardedFactor needs per-layer OuterProductFactor blocks")
-        return list(blocks)
+        return [b for b in blocks if isinstance(b, OuterProductFactor)]
 
     def _from_rank(self, src: int) -> LowRankFactor:
         """Rank ``src``'s columns on every rank (broadcast of its per-layer ``a`` and ``e``)."""
-        out = []
+        out: list[LowRankFactor] = []
         for b in self._blocks():
             n = self.counts[src] // b.R
             a = b.a if rank() == src else b.a.new_empty((n, *b.a.shape[1:]))
@@ -122,21 +125,26 @@ class ShardedFactor(LowRankFactor):
             out.append(OuterProductFactor(a, e, b.gram_route))
         return StackedFactor(out) if isinstance(self.local, StackedFactor) else out[0]
 
+    @override
     def gram(self) -> Tensor:
         return self.gram64().to(self.dtype)
 
+    @override
     def sq_row_norms(self) -> Tensor:
         return all_reduce_sum([self.local.sq_row_norms().contiguous()])[0]
 
     # float64-accumulated products of the Woodbury solve (see LowRankFactor)
+    @override
     def gram64(self) -> Tensor:
         row = torch.cat([self.local.cross_gram64(self._from_rank(s))
                          for s in range(len(self.counts))], dim=1)
         return all_gather_rows(row)
 
+    @override
     def rmatmat64(self, X: Tensor) -> Tensor:
         return all_gather_rows(self.local.rmatmat64(X))
 
+    @override
     def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
         W = W.to(torch.float64)
         Wr = W[self.offset:self.offset + self.local.rank].contiguous()
@@ -146,6 +154,7 @@ class ShardedFactor(LowRankFactor):
         Y = (X.to(torch.float64) - UW) * scale
         return Y.to(X.dtype) if out is None else out.copy_(Y)
 
+    @override
     def columns(self, start: int, stop: int) -> Tensor:
         raise NotImplementedError(
             "the Woodbury columns are held by their ranks (ShardedFactor); use the dual route "

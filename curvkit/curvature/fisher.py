@@ -106,7 +106,7 @@ def captured_factors(cap, layers, gram_route: str = "auto", reduce_rank: bool | 
     p = torch.softmax(cap.outputs.to(torch.float64), dim=1) if reduce_rank else None
     out: list[LowRankFactor] = []
     for layer, a, e in zip(layers, cap.a, cap.e):
-        if reduce_rank:
+        if p is not None:  # reduce_rank
             e = reduce_softmax_errors(e.to(torch.float64), p).to(e.dtype)
         f = layer.factor(a, e)
         if isinstance(f, OuterProductFactor) and gram_route != "auto":
@@ -126,9 +126,11 @@ def lowrank_operator(cap, layers, structure: str, route: str = "auto", gram_rout
     """The ``"full"`` (one Woodbury) or ``"block_diag"`` (one per layer) layer-space operator.
 
     Args:
-        cap: the captured batch; layers: its layers (for names).
+        cap: the captured batch.
+        layers: its layers (for names).
         structure: ``"full"`` or ``"block_diag"``.
-        route, gram_route: see :class:`~curvkit.linalg.Woodbury`.
+        route: the Woodbury route, see :class:`~curvkit.linalg.Woodbury`.
+        gram_route: how each layer's Gram is formed, see :class:`~curvkit.linalg.OuterProductFactor`.
         reduce_rank: see :func:`captured_factors`.
 
     Returns:
@@ -150,7 +152,7 @@ def _check_options(structure: str, options: dict, allowed: tuple[str, ...]) -> N
 
 @register_structure("full")
 def build_full(ctx: BuildContext, route: str = "auto", gram_route: str = "auto",
-               reduce_rank: bool | str = False, **options) -> Woodbury:
+               reduce_rank: bool | str = False, **options) -> LinearOperator:
     """Full subsampled Fisher ``G Gᵀ`` (Woodbury; ``route``: auto/cost/dual/primal)."""
     _check_options("full", options, ())
     return lowrank_operator(ctx.captured, ctx.layers, "full", route, gram_route, reduce_rank)
@@ -158,7 +160,7 @@ def build_full(ctx: BuildContext, route: str = "auto", gram_route: str = "auto",
 
 @register_structure("block_diag")
 def build_block_diag(ctx: BuildContext, route: str = "auto", gram_route: str = "auto",
-                     reduce_rank: bool | str = False, **options) -> BlockDiagonal:
+                     reduce_rank: bool | str = False, **options) -> LinearOperator:
     """Block-diagonal subsampled Fisher ``blockdiag_l(G_l G_lᵀ)`` (per-layer Woodbury)."""
     _check_options("block_diag", options, ())
     return lowrank_operator(ctx.captured, ctx.layers, "block_diag", route, gram_route, reduce_rank)

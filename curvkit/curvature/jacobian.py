@@ -31,8 +31,10 @@ def output_jacobian_factors(model: torch.nn.Module, x, layers: list[LayerAdapter
     """Per-layer factors whose column ``m = n·C + c`` is ``∂f_c(x_n)/∂W̃_l`` (layer layout).
 
     Args:
-        model: the network; x: the test inputs (tensor, tuple or dict); layers: the curvature's
-            layers; output_fn: maps the model output to the logits (default: it or ``.logits``).
+        model: the network.
+        x: the test inputs (tensor, tuple or dict).
+        layers: the curvature's layers.
+        output_fn: maps the model output to the logits (default: it or ``.logits``).
 
     Returns:
         ``(outputs (N, C) detached, [the layer rule's factor per layer])``.

@@ -98,9 +98,10 @@ def location_gram(x: Tensor, scale: float = 1.0, symmetrize: bool = True) -> Ten
 
 
 def input_factor(a: Tensor, num_data: int | None = None, *, symmetrize: bool = True) -> Tensor:
-    """``Â = (1/N) Σ_n Σ_t a_{nt} a_{nt}ᵀ`` from captured inputs ``a`` of shape ``(N, T, d_in)``
-    (KFAC's input factor, paper eq 2 / App. E; FOOF's ``AAᵀ``, eq 6, as a batch mean). Serves
-    ``curvkit.fisher``, the optimizers, EWC and validate.
+    """KFAC's input factor ``Â = (1/N) Σ_n Σ_t a_{nt} a_{nt}ᵀ`` (paper eq 2 / App. E).
+
+    From captured inputs ``a`` of shape ``(N, T, d_in)``; also FOOF's ``AAᵀ`` (eq 6) as a batch
+    mean. Serves ``curvkit.fisher``, the optimizers, EWC and validate.
 
     Args:
         a: layer inputs (unfolded patches for a convolution, with a ones column for a bias).
@@ -117,8 +118,9 @@ def input_factor(a: Tensor, num_data: int | None = None, *, symmetrize: bool = T
 
 
 def output_factor(e: Tensor, *, symmetrize: bool = True) -> Tensor:
-    """``B̂ = (1/T) Σ_m Σ_t ẽ_{mt} ẽ_{mt}ᵀ`` from captured errors ``e`` of shape ``(M, T, d_out)``
-    (KFAC's output factor, paper eq 2 / App. E; KFC's ``1/T`` for convolutions).
+    """KFAC's output factor ``B̂ = (1/T) Σ_m Σ_t ẽ_{mt} ẽ_{mt}ᵀ`` (paper eq 2 / App. E).
+
+    From captured errors ``e`` of shape ``(M, T, d_out)``; the ``1/T`` is KFC's for convolutions.
 
     The Fisher scaling (``1/√N``, ``√p``, ``1/√S``) is already in ``e``, so no further division by
     ``N`` is needed: for ``T = 1`` this is ``(1/N) Σ_n E_y[e_n e_nᵀ]``.
@@ -177,11 +179,12 @@ class KroneckerBlockDiagonal(BlockDiagonal):
             for layer, A, B in zip(factors.layers, factors.A, factors.B)
         ]
         super().__init__(blocks, name=name)
+        self.kronecker_blocks = blocks  # the same objects as ``blocks``, typed as Kronecker
         self.factors = factors
 
     def damping_splits(self, damping: float) -> list[tuple[float, float]]:
         """Per layer ``(λ_A, λ_B)`` of the heuristic (π) damping for total damping ``λ``."""
-        return [blk.damping_split(damping) for blk in self.blocks]
+        return [blk.damping_split(damping) for blk in self.kronecker_blocks]
 
     def damped_dense(self, damping: float, damping_mode: str = "exact") -> Tensor:
         """The damped matrix in layer space (paper eqs 3–4).
@@ -192,8 +195,8 @@ class KroneckerBlockDiagonal(BlockDiagonal):
         if damping_mode not in self.damping_modes:
             raise ValueError(f"damping_mode={damping_mode!r} is not available for {self.name}; it "
                              f"supports {list(self.damping_modes)}")
-        damping = self._check_damping(damping)
-        return torch.block_diag(*[blk.damped_dense(damping, damping_mode) for blk in self.blocks])
+        lam = self._scalar_damping(self._check_damping(damping), "damped_dense", "pass a number λ")
+        return torch.block_diag(*[blk.damped_dense(lam, damping_mode) for blk in self.kronecker_blocks])
 
 
 def factors_of(F: Curvature) -> KFACFactors:

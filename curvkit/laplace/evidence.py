@@ -51,7 +51,8 @@ def log_likelihood_terms(outputs: Tensor, targets: Tensor, likelihood: str) -> T
     """``log p(y_n | f_n)`` per input (float64), with all normalising constants.
 
     Args:
-        outputs: ``(N, C)`` model outputs; targets: labels or regression targets.
+        outputs: ``(N, C)`` model outputs.
+        targets: labels or regression targets.
         likelihood: ``"classification"``, ``"regression"`` (unit variance) or ``"binary"``.
 
     Returns:
@@ -95,8 +96,11 @@ def maximize_evidence(logdet_fn: Callable[[Tensor], Tensor], log_likelihood: flo
     Args:
         logdet_fn: ``t ↦ log det Λ(e^t)`` (differentiable).
         log_likelihood: the scaled batch log-likelihood.
-        sq: ``‖θ_g‖²`` per group; sizes: ``P_g`` per group.
-        x0: start (log scale); bounds: ``(low, high)`` on ``δ``; max_iter: iteration limit.
+        sq: ``‖θ_g‖²`` per group.
+        sizes: ``P_g`` per group.
+        x0: start (log scale).
+        bounds: ``(low, high)`` on ``δ``.
+        max_iter: iteration limit.
 
     Returns:
         The optimal ``log δ`` per group.
@@ -111,6 +115,8 @@ def maximize_evidence(logdet_fn: Callable[[Tensor], Tensor], log_likelihood: flo
         ld = logdet_fn(t[0]) if scalar else logdet_fn(t)
         ev = log_likelihood - 0.5 * (torch.exp(t) * sq).sum() + 0.5 * (sizes * t).sum() - 0.5 * ld
         (-ev).backward()
+        if t.grad is None:  # ev always depends on t (the prior term)
+            raise RuntimeError("the negative evidence has no gradient with respect to log δ")
         return float(-ev.detach()), t.grad.cpu().numpy().astype(np.float64)
 
     res = scipy.optimize.minimize(negative_evidence, np.clip(x0, lo, hi), jac=True,

@@ -173,8 +173,11 @@ class LaplacePosterior:
 
     # ------------------------------------------------------------------ the operator
     def _fisher_operator(self) -> LinearOperator:
-        """The layer-space ``F``: the curvature's operator, or for ``"full"``/``"block_diag"`` its
-        Woodbury form with the softmax rank reduction and the cost-chosen route."""
+        """The layer-space ``F``: the curvature's operator (re-routed for low-rank structures).
+
+        For ``"full"``/``"block_diag"`` its Woodbury form with the softmax rank reduction and the
+        cost-chosen route.
+        """
         cap, op = self.curvature.captured, self.curvature.operator
         route = "cost" if self.route_option == "auto" else self.route_option
         if cap is None:  # e.g. columns gathered from a loader: re-route its Woodbury blocks
@@ -191,7 +194,7 @@ class LaplacePosterior:
         return lowrank_operator(cap, self.layers, self.structure, route, reduce_rank=reduce)
 
     def _woodbury_blocks(self) -> list[Woodbury]:
-        op = self.precision.a
+        op = getattr(self.precision, "a", self.precision)  # F inside the scaled operator n·F
         blocks = op.blocks if isinstance(op, BlockDiagonal) else [op]
         return [b for b in blocks if isinstance(b, Woodbury)]
 
@@ -215,7 +218,7 @@ class LaplacePosterior:
     def damping(self, prior: PriorPrecision | None = None):
         """``D`` of ``Λ = n·F + D`` in layer space: a float (scalar prior) or a ``(P,)`` tensor."""
         prior = prior or self._prior
-        return float(prior.value) if prior.kind == "scalar" else self._to_layer(prior.diag)
+        return prior.scalar if prior.kind == "scalar" else self._to_layer(prior.diag)
 
     def _logdet_at(self, prior: PriorPrecision) -> Tensor:
         try:
@@ -404,7 +407,7 @@ class LaplacePosterior:
         if prior.kind == "scalar":
             cached = getattr(self.precision, "_eigenvalue_cache", None) is not None
             if use_eigenvalues(1, cached):
-                t = torch.tensor(math.log(prior.value), dtype=torch.float64)
+                t = torch.tensor(math.log(prior.scalar), dtype=torch.float64)
                 return self.precision.logdet_function()(t)
         return self._logdet_at(prior)
 
@@ -436,7 +439,8 @@ class LaplacePosterior:
             per_layer: scalar or per-layer precision (``"marglik"`` only).
             bounds: search interval for each ``δ`` (``"marglik"``).
             max_iter: iteration limit of the optimiser (``"marglik"``).
-            val_inputs, val_targets: held-out data (``"gridsearch"``).
+            val_inputs: held-out inputs, or an iterable of held-out batches (``"gridsearch"``).
+            val_targets: held-out targets for a single batch of ``val_inputs`` (``"gridsearch"``).
             grid: candidate values (``"gridsearch"``).
             link_approx: link of the GLM predictive (``"gridsearch"``).
 

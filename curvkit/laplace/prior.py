@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,7 @@ class PriorPrecision:
 
     def __init__(self, spec, params: Sequence[nn.Parameter], names: Sequence[str] | None = None,
                  what: str = "prior_precision") -> None:
+        self.value: float | list[float] | Tensor
         self.numels = [p.numel() for p in params]
         self.shapes = [tuple(p.shape) for p in params]
         self.names = list(names) if names is not None else [f"params[{i}]" for i in range(len(params))]
@@ -85,6 +87,17 @@ class PriorPrecision:
             return
         raise TypeError(f"{what} must be {accepted}; got {type(spec).__name__}")
 
+    @property
+    def scalar(self) -> float:
+        """``δ`` of a scalar prior.
+
+        Raises:
+            TypeError: the prior is not scalar (``kind`` is ``"per_tensor"`` or ``"diagonal"``).
+        """
+        if self.kind != "scalar" or not isinstance(self.value, float):
+            raise TypeError(f"the prior precision is {self.kind}, not a scalar")
+        return self.value
+
     # ------------------------------------------------------------------ construction helpers
     def _set_per_tensor(self, t: Tensor, what: str, device) -> None:
         self._check_values(t, what, lambda i: self.names[i])
@@ -112,6 +125,7 @@ class PriorPrecision:
     # ------------------------------------------------------------------ quantities
     @property
     def size(self) -> int:
+        """``P``, the number of parameters the prior covers."""
         return int(self.diag.shape[0])
 
     def logdet(self) -> Tensor:
@@ -127,10 +141,11 @@ class PriorPrecision:
         return -0.5 * self.scatter(theta) + 0.5 * self.logdet() - 0.5 * self.size * math.log(2 * math.pi)
 
     def describe(self) -> str:
+        """A one-line description of ``δ`` for messages and ``repr``."""
         if self.kind == "scalar":
             return f"scalar δ = {self.value:.4g}"
         if self.kind == "per_tensor":
-            return "per tensor δ = [" + ", ".join(f"{v:.4g}" for v in self.value) + "]"
+            return "per tensor δ = [" + ", ".join(f"{v:.4g}" for v in cast(list, self.value)) + "]"
         return f"diagonal δ in [{float(self.diag.min()):.4g}, {float(self.diag.max()):.4g}]"
 
     def __repr__(self) -> str:

@@ -27,8 +27,10 @@ def marglik(post, per_layer: bool, bounds: tuple[float, float], max_iter: int):
     Cholesky of the ``M × M`` core per evaluation). A layer's weight and bias share ``δ_l``.
 
     Args:
-        post: the posterior; per_layer: scalar or per-layer; bounds: ``(low, high)`` on each
-            ``δ``; max_iter: iteration limit.
+        post: the posterior.
+        per_layer: scalar or per-layer.
+        bounds: ``(low, high)`` on each ``δ``.
+        max_iter: iteration limit.
 
     Returns:
         The new prior precision (float, or a list with one value per parameter tensor).
@@ -49,6 +51,7 @@ def marglik(post, per_layer: bool, bounds: tuple[float, float], max_iter: int):
     x0 = t0.cpu().numpy() if per_layer else np.array([float(t0.mean())])
     x = maximize_evidence(fn, float(post.log_likelihood()), sq, sizes, x0, (lo, hi), max_iter)
     deltas = np.exp(x)
+    value: float | list[float]
     if per_layer:
         owner = {}
         for li, layer in enumerate(post.layers):
@@ -70,8 +73,12 @@ def gridsearch(post, per_layer: bool, x: Tensor | None, y: Tensor | None,
     Gaussian NLL with variance ``Σ_f + I``. Each grid value costs one factorisation of ``Λ``.
 
     Args:
-        post: the posterior; per_layer: must be ``False``; x, y: held-out data;
-        grid: candidates (default ``10^{-2}, 10^{-1.5}, …, 10^{4}``); link_approx: the GLM link.
+        post: the posterior.
+        per_layer: must be ``False``.
+        x: held-out inputs, or an iterable of held-out batches.
+        y: held-out targets (with a single batch ``x``).
+        grid: candidates (default ``10^{-2}, 10^{-1.5}, …, 10^{4}``).
+        link_approx: the GLM link.
 
     Returns:
         The best value.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from curvkit.linalg.operator import Damping, LinearOperator
 
@@ -26,10 +28,10 @@ class BlockDiagonal(LinearOperator):
         ValueError: no blocks.
     """
 
-    def __init__(self, blocks: list[LinearOperator], block_shapes=None, name: str | None = None):
+    def __init__(self, blocks: Sequence[LinearOperator], block_shapes=None, name: str | None = None):
         if not blocks:
             raise ValueError("BlockDiagonal needs at least one block")
-        self.blocks = blocks
+        self.blocks: Sequence[LinearOperator] = blocks
         self.sizes = [b.shape[0] for b in blocks]
         super().__init__(sum(self.sizes), blocks[0].dtype, blocks[0].device, block_shapes, name)
         modes = set(blocks[0].damping_modes)
@@ -54,7 +56,8 @@ class BlockDiagonal(LinearOperator):
                           for b, x, d in zip(self.blocks, X.split(self.sizes), self._split(damping))])
 
     def _logdet(self, damping: Damping) -> Tensor:
-        return sum(b._logdet(d) for b, d in zip(self.blocks, self._split(damping)))
+        # Python's sum of a non-empty generator of tensors is a tensor (blocks are never empty)
+        return cast(Tensor, sum(b._logdet(d) for b, d in zip(self.blocks, self._split(damping))))
 
     def _is_singular(self) -> bool:
         return any(b._is_singular() for b in self.blocks)
@@ -88,10 +91,12 @@ class BlockDiagonal(LinearOperator):
         return pieces
 
     def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
-        out = None
+        out: Tensor | None = None
         for b, Jb, d in zip(self.blocks, self._row_pieces(J), self._split(damping)):
             q = b._inverse_quad_blocks(Jb, R, d)
             out = q if out is None else out + q
+        if out is None:
+            raise ValueError(f"{self.name} has no blocks")
         return out
 
     def _eigenvalues(self) -> Tensor:
@@ -118,13 +123,15 @@ class BlockDiagonal(LinearOperator):
             off = hi
 
         def fn(t: Tensor) -> Tensor:
-            return sum(f(t[g[0]] if len(g) == 1 else t[g[0]:g[-1] + 1]) for f, g in parts)
+            return cast(Tensor, sum(f(t[g[0]] if len(g) == 1 else t[g[0]:g[-1] + 1]) for f, g in parts))
 
         return fn
 
+    @override
     def diagonal(self) -> Tensor:
         return torch.cat([b.diagonal() for b in self.blocks])
 
+    @override
     def to_dense(self) -> Tensor:
         self._check_dense_memory()
         return torch.block_diag(*[b.to_dense() for b in self.blocks])

@@ -52,49 +52,63 @@ class SPDFactor:
         self.L, self.evals, self.evecs, self.shift = L, evals, evecs, float(shift)
         self.kind = "chol" if L is not None else "eigh"
         ref = L if L is not None else evecs
-        assert ref is not None
+        if ref is None or (L is None and evals is None):
+            raise ValueError("SPDFactor needs L (Cholesky) or both evals and evecs (eigh)")
         self.n, self.dtype, self.device = ref.shape[0], ref.dtype, ref.device
+
+    def _eig(self) -> tuple[Tensor, Tensor]:
+        """``(s, Q)`` of an ``"eigh"`` factor."""
+        if self.evals is None or self.evecs is None:
+            raise RuntimeError("SPDFactor has no eigendecomposition (it is a Cholesky factor)")
+        return self.evals, self.evecs
 
     def solve(self, B: Tensor) -> Tensor:
         """``S⁻¹ B`` for ``B`` of shape ``(n, k)`` (computed and returned in :attr:`dtype`)."""
         B = B.to(self.dtype)
         if self.L is not None:
             return torch.cholesky_solve(B, self.L)
-        return self.evecs @ ((self.evecs.T @ B) / self.evals[:, None])
+        evals, evecs = self._eig()
+        return evecs @ ((evecs.T @ B) / evals[:, None])
 
     def inverse(self) -> Tensor:
         """``S⁻¹`` (``cholesky_inverse``, no solve against the identity)."""
         if self.L is not None:
             return torch.cholesky_inverse(self.L)
-        return (self.evecs / self.evals) @ self.evecs.T
+        evals, evecs = self._eig()
+        return (evecs / evals) @ evecs.T
 
     def logdet(self) -> Tensor:
         """``log det S`` (scalar tensor)."""
         if self.L is not None:
             return 2.0 * self.L.diagonal().log().sum()
-        return self.evals.log().sum()
+        return self._eig()[0].log().sum()
 
     def half_solve(self, X: Tensor) -> Tensor:
         """``H`` with ``Hᵀ H = Xᵀ S⁻¹ X``: ``L⁻¹ X`` (Cholesky) or ``s^{-1/2} ⊙ Qᵀ X`` (eigh)."""
         X = X.to(self.dtype)
         if self.L is not None:
             return torch.linalg.solve_triangular(self.L, X, upper=False)
-        return (self.evecs.T @ X) * self.evals.rsqrt()[:, None]
+        evals, evecs = self._eig()
+        return (evecs.T @ X) * evals.rsqrt()[:, None]
 
     def inv_sqrt(self, Z: Tensor) -> Tensor:
-        """``R Z`` with ``R Rᵀ = S⁻¹``: ``L⁻ᵀ Z`` or ``Q diag(s^{-1/2}) Z`` (``Z ∼ N(0, I)`` gives
-        ``N(0, S⁻¹)``)."""
+        """``R Z`` with ``R Rᵀ = S⁻¹``: ``L⁻ᵀ Z`` or ``Q diag(s^{-1/2}) Z``.
+
+        ``Z ∼ N(0, I)`` gives ``N(0, S⁻¹)``.
+        """
         Z = Z.to(self.dtype)
         if self.L is not None:
             return torch.linalg.solve_triangular(self.L.T, Z, upper=True)
-        return self.evecs @ (Z * self.evals.rsqrt()[:, None])
+        evals, evecs = self._eig()
+        return evecs @ (Z * evals.rsqrt()[:, None])
 
     def inverse_diagonal(self) -> Tensor:
         """``diag(S⁻¹)`` of shape ``(n,)``: column norms² of ``L⁻¹`` (or ``Σ_j Q_ij²/s_j``)."""
         if self.L is not None:
             eye = torch.eye(self.n, dtype=self.dtype, device=self.device)
             return (torch.linalg.solve_triangular(self.L, eye, upper=False) ** 2).sum(0)
-        return (self.evecs**2) @ (1.0 / self.evals)
+        evals, evecs = self._eig()
+        return (evecs**2) @ (1.0 / evals)
 
 
 def _warn_once(name: str, message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
 from curvkit.linalg.operator import Damping, LinearOperator
@@ -51,8 +52,10 @@ class Dense(LinearOperator):
     def _logdet(self, damping: Damping) -> Tensor:
         return self._chol_of(damping).logdet()
 
+    @override
     def diagonal(self) -> Tensor:
         return self.A.diagonal().clone()
 
+    @override
     def to_dense(self) -> Tensor:
         return self.A.clone()

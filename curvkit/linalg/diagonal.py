@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from curvkit.linalg.lowrank import chunked_group_grams
 from curvkit.linalg.operator import Damping, LinearOperator, SingularError, damping_str
@@ -108,9 +109,11 @@ class Diagonal(LinearOperator):
         counts = torch.tensor(group_sizes, device=ev.device)
         return lambda t: torch.log(ev + torch.repeat_interleave(torch.exp(t), counts)).sum()
 
+    @override
     def diagonal(self) -> Tensor:
         return self.d.clone()
 
+    @override
     def to_dense(self) -> Tensor:
         self._check_dense_memory()
         return torch.diag(self.d)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from curvkit.linalg.memory import check_memory
 
@@ -227,18 +228,23 @@ class DenseFactor(LowRankFactor):
         self.dtype, self.device = U.dtype, U.device
         self._u64: Tensor | None = None
 
+    @override
     def rmatmat(self, X: Tensor) -> Tensor:
         return self.U.T @ X
 
+    @override
     def matmat(self, W: Tensor) -> Tensor:
         return self.U @ W
 
+    @override
     def gram(self) -> Tensor:
         return self.U.T @ self.U
 
+    @override
     def columns(self, start: int, stop: int) -> Tensor:
         return self.U[:, start:stop]
 
+    @override
     def sq_row_norms(self) -> Tensor:
         return (self.U**2).sum(1)
 
@@ -247,31 +253,39 @@ class DenseFactor(LowRankFactor):
             self._u64 = self.U.to(torch.float64)
         return self._u64
 
+    @override
     def columns64(self, start: int, stop: int) -> Tensor:
         return self._U64()[:, start:stop]
 
+    @override
     def gram64(self) -> Tensor:
         U = self._U64()
         return U.T @ U
 
+    @override
     def rmatmat64(self, X: Tensor) -> Tensor:
         return self._U64().T @ X.to(torch.float64)
 
+    @override
     def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
         Y = torch.addmm(X.to(torch.float64), self._U64(), W.to(torch.float64), alpha=-1.0).mul_(scale)
         return Y.to(X.dtype) if out is None else out.copy_(Y)
 
+    @override
     def to64(self) -> LowRankFactor:
         return self if self.dtype == torch.float64 else DenseFactor(self.U.double())
 
+    @override
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.U.to(dtype or self.dtype)
 
+    @override
     def cross_gram64(self, other: LowRankFactor) -> Tensor:
         if isinstance(other, DenseFactor):
             return self.U.double().T @ other.U.double()
         return super().cross_gram64(other)
 
+    @override
     def whiten(self, r: Tensor) -> LowRankFactor:
         return DenseFactor(self.U.to(torch.float64) * r.to(torch.float64)[:, None])
 
@@ -293,6 +307,7 @@ class StackedFactor(LowRankFactor):
         self.size, self.rank = sum(self.sizes), blocks[0].rank
         self.dtype, self.device = blocks[0].dtype, blocks[0].device
 
+    @override
     def rmatmat(self, X: Tensor) -> Tensor:
         parts = X.split(self.sizes, dim=0)
         out = self.blocks[0].rmatmat(parts[0])
@@ -300,39 +315,49 @@ class StackedFactor(LowRankFactor):
             out = out + b.rmatmat(x)
         return out
 
+    @override
     def matmat(self, W: Tensor) -> Tensor:
         return torch.cat([b.matmat(W) for b in self.blocks], dim=0)
 
+    @override
     def gram(self) -> Tensor:
         K = self.blocks[0].gram()
         for b in self.blocks[1:]:
             K = K + b.gram()
         return K
 
+    @override
     def columns(self, start: int, stop: int) -> Tensor:
         return torch.cat([b.columns(start, stop) for b in self.blocks], dim=0)
 
+    @override
     def sq_row_norms(self) -> Tensor:
         return torch.cat([b.sq_row_norms() for b in self.blocks])
 
+    @override
     def row_blocks(self) -> list[LowRankFactor]:
         return list(self.blocks)
 
+    @override
     def to64(self) -> LowRankFactor:
         return self if self.dtype == torch.float64 else StackedFactor([b.to64() for b in self.blocks])
 
+    @override
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return torch.cat([b.dense(dtype or self.dtype) for b in self.blocks], dim=0)
 
+    @override
     def columns64(self, start: int, stop: int) -> Tensor:
         return torch.cat([b.columns64(start, stop) for b in self.blocks], dim=0)
 
+    @override
     def gram64(self) -> Tensor:
         K = self.blocks[0].gram64()
         for i, b in enumerate(self.blocks[1:]):
             K = K + b.gram64() if i == 0 else K.add_(b.gram64())  # K is fresh after the first sum
         return K
 
+    @override
     def rmatmat64(self, X: Tensor) -> Tensor:
         parts = X.split(self.sizes, dim=0)
         out = self.blocks[0].rmatmat64(parts[0])
@@ -340,6 +365,7 @@ class StackedFactor(LowRankFactor):
             out = out + b.rmatmat64(x) if i == 0 else out.add_(b.rmatmat64(x))
         return out
 
+    @override
     def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
         if out is None:
             out = torch.empty_like(X)
@@ -347,9 +373,11 @@ class StackedFactor(LowRankFactor):
             b.sub_matmat64(x, W, scale, out=o)
         return out
 
+    @override
     def gram_flops(self) -> float:
         return sum(b.gram_flops() for b in self.blocks)
 
+    @override
     def cross_gram64(self, other: LowRankFactor) -> Tensor:
         ob = other.row_blocks()
         if [b.size for b in ob] != self.sizes:
@@ -359,12 +387,14 @@ class StackedFactor(LowRankFactor):
             out += x.cross_gram64(y)
         return out
 
+    @override
     def block_grams64(self, R: int) -> Tensor:
         out = self.blocks[0].block_grams64(R)
         for b in self.blocks[1:]:
             out += b.block_grams64(R)
         return out
 
+    @override
     def whiten(self, r: Tensor) -> LowRankFactor:
         return StackedFactor([b.whiten(x) for b, x in zip(self.blocks, r.split(self.sizes))])
 
@@ -377,47 +407,62 @@ class ScaledFactor(LowRankFactor):
         self.size, self.rank = factor.size, factor.rank
         self.dtype, self.device = factor.dtype, factor.device
 
+    @override
     def rmatmat(self, X: Tensor) -> Tensor:
         return self.scale * self.factor.rmatmat(X)
 
+    @override
     def matmat(self, W: Tensor) -> Tensor:
         return self.scale * self.factor.matmat(W)
 
+    @override
     def gram(self) -> Tensor:
         return self.scale**2 * self.factor.gram()
 
+    @override
     def columns(self, start: int, stop: int) -> Tensor:
         return self.scale * self.factor.columns(start, stop)
 
+    @override
     def sq_row_norms(self) -> Tensor:
         return self.scale**2 * self.factor.sq_row_norms()
 
+    @override
     def to64(self) -> LowRankFactor:
         return self if self.dtype == torch.float64 else ScaledFactor(self.factor.to64(), self.scale)
 
+    @override
     def columns64(self, start: int, stop: int) -> Tensor:
         return self.scale * self.factor.columns64(start, stop)
 
+    @override
     def rmatmat64(self, X: Tensor) -> Tensor:
         return self.scale * self.factor.rmatmat64(X)
 
+    @override
     def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
         return self.factor.sub_matmat64(X, self.scale * W.to(torch.float64), scale, out)
 
+    @override
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.scale * self.factor.dense(dtype)
 
+    @override
     def gram64(self) -> Tensor:
         return self.scale**2 * self.factor.gram64()
 
+    @override
     def gram_flops(self) -> float:
         return self.factor.gram_flops()
 
+    @override
     def cross_gram64(self, other: LowRankFactor) -> Tensor:
         return self.scale * self.factor.cross_gram64(other)
 
+    @override
     def block_grams64(self, R: int) -> Tensor:
         return self.scale**2 * self.factor.block_grams64(R)
 
+    @override
     def whiten(self, r: Tensor) -> LowRankFactor:
         return self.factor.whiten(r * self.scale)

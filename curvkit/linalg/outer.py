@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from curvkit.linalg.lowrank import CHUNK_BYTES, LowRankFactor, rank_one_split
 from curvkit.linalg.memory import check_memory
@@ -81,6 +82,7 @@ class OuterProductFactor(LowRankFactor):
         return "hadamard" if hadamard <= per_sample else "per_sample"
 
     # ------------------------------------------------------------------ products
+    @override
     def rmatmat(self, X: Tensor) -> Tensor:
         k = X.shape[1]
         if self.T == 1 and self.R == 1:  # one GEMM with k folded into rows, then a row sum
@@ -96,6 +98,7 @@ class OuterProductFactor(LowRankFactor):
         e = self.e.reshape(self.N, self.R, self.T, self.d_out)
         return torch.einsum("nrto,ntok->nrk", e, VA).reshape(self.rank, k)
 
+    @override
     def matmat(self, W: Tensor) -> Tensor:
         k = W.shape[1]
         Wr = W.reshape(self.N, self.R, k)
@@ -122,6 +125,7 @@ class OuterProductFactor(LowRankFactor):
         e = self.e.reshape(self.N, self.R, self.T, self.d_out)
         return torch.einsum("nrto,ntd->nrod", e, self.a).reshape(self.rank, self.d_out, self.d_in)
 
+    @override
     def gram(self) -> Tensor:
         if self.gram_route == "per_sample":
             g = self.per_sample_gradients().reshape(self.rank, -1)
@@ -153,6 +157,7 @@ class OuterProductFactor(LowRankFactor):
                 K[i * R : (i + ni) * R, j * R : (j + nj) * R] = blk.reshape(ni * R, nj * R)
         return K
 
+    @override
     def sq_row_norms(self) -> Tensor:
         if self.T == 1:
             e2 = (self.e[:, 0, :] ** 2).reshape(self.N, self.R, self.d_out).sum(1)  # (N, o)
@@ -179,6 +184,7 @@ class OuterProductFactor(LowRankFactor):
                                            self.gram_route)
         return self._f64
 
+    @override
     def columns64(self, start: int, stop: int) -> Tensor:
         return self._as64().columns(start, stop)
 
@@ -241,6 +247,7 @@ class OuterProductFactor(LowRankFactor):
         return out
 
     # ------------------------------------------------------------------ float64 Grams (Laplace)
+    @override
     def to64(self) -> LowRankFactor:
         return self._as64()
 
@@ -252,6 +259,7 @@ class OuterProductFactor(LowRankFactor):
         return self.per_sample_gradients().reshape(self.rank, -1).T.to(dtype)
 
 
+    @override
     def gram_flops(self) -> float:
         M = self.rank
         if self.T == 1:
@@ -260,6 +268,7 @@ class OuterProductFactor(LowRankFactor):
             return 2.0 * (self.N**2 * self.d_in + M**2 * self.d_out) * self.T**2
         return 2.0 * (M * self.T * self.size + M**2 * self.size)
 
+    @override
     def cross_gram64(self, other: LowRankFactor) -> Tensor:
         if isinstance(other, OuterProductFactor) and self.T == 1 and other.T == 1:
             Ka = self.a[:, 0, :].double() @ other.a[:, 0, :].double().T
@@ -268,6 +277,7 @@ class OuterProductFactor(LowRankFactor):
             return Ke
         return super().cross_gram64(other)
 
+    @override
     def block_grams64(self, R: int) -> Tensor:
         if self.T == 1 and self.R == R:
             aa = (self.a[:, 0, :].double() ** 2).sum(1)
@@ -372,8 +382,11 @@ class OuterProductFactor(LowRankFactor):
                                   e if U_out is None else e @ U_out.to(e), self.gram_route)
 
     def whiten(self, r: Tensor) -> LowRankFactor:
-        """``diag(r) U``; keeps the layer form when ``r²`` is rank one on the ``d_out × d_in`` grid
-        (a scalar, or one scalar per weight and bias): ``OuterProductFactor(a ⊙ √c, e ⊙ √ρ)``."""
+        """``diag(r) U``, in layer form where possible.
+
+        The layer form is kept when ``r²`` is rank one on the ``d_out × d_in`` grid (a scalar, or
+        one scalar per weight and bias): ``OuterProductFactor(a ⊙ √c, e ⊙ √ρ)``.
+        """
         r = r.to(torch.float64)
         if bool((r == r[0]).all()):
             return OuterProductFactor(self.a, self.e * float(r[0]), self.gram_route)

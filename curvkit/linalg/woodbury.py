@@ -61,6 +61,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
 from curvkit.linalg.lowrank import (
@@ -105,6 +106,7 @@ class Woodbury(LinearOperator):
     # ------------------------------------------------------------------ pieces
     @property
     def rank(self) -> int:
+        """``M``, the number of columns of ``U``."""
         return self.factor.rank
 
     def gram(self) -> Tensor:
@@ -181,9 +183,11 @@ class Woodbury(LinearOperator):
             ld = ld + (self.factor.size - self.factor.rank) * math.log(damping)
         return ld
 
+    @override
     def diagonal(self) -> Tensor:
         return self.factor.sq_row_norms()
 
+    @override
     def to_dense(self) -> Tensor:
         if self.route == "primal":
             return self.dense64().to(self.dtype)
@@ -309,9 +313,12 @@ class Woodbury(LinearOperator):
         return torch.linalg.eigvalsh(S).clamp_min(0.0)
 
     def _logdet_function(self, group_sizes: list[int] | None) -> Callable[[Tensor], Tensor]:
-        """One group: from :meth:`eigenvalues`. Several groups ``g`` (damping ``e^{t_g}``): dual
+        """``t ↦ log det(A + diag(e^{t_g}))`` over damping groups ``g``.
+
+        One group: from :meth:`eigenvalues`. Several groups: dual
         ``Σ_g P_g t_g + log det(I_M + Σ_g e^{−t_g} U_gᵀ U_g)``; primal
-        ``Σ_g P_g t_g + log det(I_P + T^{-1/2} U Uᵀ T^{-1/2})``; one Cholesky per call."""
+        ``Σ_g P_g t_g + log det(I_P + T^{-1/2} U Uᵀ T^{-1/2})``; one Cholesky per call.
+        """
         if group_sizes is None or len(group_sizes) == 1:
             return super()._logdet_function(None)
         sizes = torch.tensor(group_sizes, dtype=torch.float64, device=self.device)

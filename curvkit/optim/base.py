@@ -1,5 +1,6 @@
-"""Shared machinery of curvkit's optimizers: parameter groups, layers, momentum, weight decay,
-input checks, randomness and ``state_dict``.
+"""Shared machinery of curvkit's optimizers.
+
+Parameter groups, layers, momentum, weight decay, input checks, randomness and ``state_dict``.
 
 Every curvkit optimizer is a :class:`torch.optim.Optimizer` built from the *model* (it needs the
 model's layers) and used in the plain loop::
@@ -175,6 +176,7 @@ class CurvatureOptimizer(Optimizer):
         return layer.parameters()
 
     def param_name(self, p: Tensor) -> str:
+        """The model's name of parameter ``p`` (``"<unnamed>"`` if it is not one of the model's)."""
         return self._names.get(id(p), "<unnamed>")
 
     # ------------------------------------------------------------------ layer matrices
@@ -286,8 +288,11 @@ class CurvatureOptimizer(Optimizer):
                     p.add_(d.to(p.dtype), alpha=-lr)
 
     def _as_update(self, directions: dict[int, Tensor]) -> list[Tensor]:
-        """The change ``Δθ = −η ω θ − η D`` that :meth:`_apply` would make: tensors shaped like
-        the parameters, in ``param_groups`` order (zeros where there is no direction)."""
+        """The change ``Δθ = −η ω θ − η D`` that :meth:`_apply` would make.
+
+        Tensors shaped like the parameters, in ``param_groups`` order (zeros where there is no
+        direction).
+        """
         out = []
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
@@ -325,6 +330,7 @@ class CurvatureOptimizer(Optimizer):
 
     @property
     def hooks_active(self) -> bool:
+        """Whether the capture hooks are still registered (``False`` after ``remove_hooks()``)."""
         return any(h.active for h in self._hooks)
 
     def _check_hooks(self) -> None:
@@ -352,8 +358,14 @@ class CurvatureOptimizer(Optimizer):
             self.generator.set_state(extra["generator"])
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state (per-parameter buffers, groups) plus ``"curvkit"``: counters,
-        the generator state and any global state (EMA weight, Fisher batch, ...)."""
+        """``torch.optim`` state (per-parameter buffers, groups) plus ``"curvkit"``.
+
+        ``"curvkit"`` holds the counters, the generator state and any global state (EMA weight,
+        Fisher batch, ...).
+
+        Returns:
+            A dict that loads with ``torch.load(weights_only=True)``.
+        """
         sd = super().state_dict()
         # own dicts per parameter: later steps replace state tensors (never update them in
         # place), so the returned state stays a snapshot

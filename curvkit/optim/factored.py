@@ -1,5 +1,6 @@
-"""Algorithm 1 bookkeeping shared by FOOF and KFAC: factor EMAs, the T/S schedule, inversions,
-and data-parallel averaging of the factors.
+"""Algorithm 1 bookkeeping shared by FOOF and KFAC.
+
+Factor EMAs, the T/S schedule, inversions, and data-parallel averaging of the factors.
 
 Steps are counted ``t = 0, 1, 2, …`` (``t`` = number of completed steps), with inversion period
 ``T = inv_period`` and ``S = ema_steps ≤ T``. Two update orders (``precondition_with``):
@@ -53,8 +54,10 @@ ORDERS = ("previous", "current")
 
 @dataclass(frozen=True)
 class Schedule:
-    """Algorithm 1's amortisation: inversion every ``inv_period`` (T) steps, factor EMA updates
-    during the ``ema_steps`` (S) steps ending at each inversion (see module doc).
+    """Algorithm 1's amortisation schedule (see module doc).
+
+    Inversion every ``inv_period`` (T) steps, factor EMA updates during the ``ema_steps`` (S)
+    steps ending at each inversion.
 
     Args:
         inv_period: ``T ≥ 1``.
@@ -75,8 +78,10 @@ class Schedule:
         return (t + self.ema_steps - 1) % self.inv_period < self.ema_steps
 
     def is_inversion(self, t: int) -> bool:
-        """Whether step ``t`` rebuilds the inverses (after its update for ``"previous"``,
-        before it for ``"current"``)."""
+        """Whether step ``t`` rebuilds the inverses.
+
+        After its update for ``"previous"``, before it for ``"current"``.
+        """
         if self.order == "previous":
             return t % self.inv_period == self.inv_period - 1
         return t % self.inv_period == 0
@@ -169,8 +174,10 @@ class FactoredOptimizer(CurvatureOptimizer):
         self.recorder.enabled = on
 
     def _records_at(self, t: int) -> bool:
-        """Whether step ``t`` needs this batch's factors (a statistics step, or the first batch
-        initialising the factors when there are none yet)."""
+        """Whether step ``t`` needs this batch's factors.
+
+        A statistics step, or the first batch initialising the factors when there are none yet.
+        """
         return self.schedule.is_stats(t) or self._ema_weight == 0
 
     def _reset_records(self) -> None:
@@ -193,8 +200,11 @@ class FactoredOptimizer(CurvatureOptimizer):
         return self.state[key] if write else self.state.get(key, {})
 
     def factors(self) -> list[dict[str, Tensor]]:
-        """Per layer, the current normalised EMA factors ``X̂ = X̄ / w`` (copies), e.g.
-        ``{"A": Â}`` (FOOF) or ``{"A": Â, "B": B̂}`` (KFAC); empty before the first statistics step."""
+        """Per layer, the current normalised EMA factors ``X̂ = X̄ / w`` (copies).
+
+        E.g. ``{"A": Â}`` (FOOF) or ``{"A": Â, "B": B̂}`` (KFAC); empty before the first
+        statistics step.
+        """
         if self._ema_weight == 0:
             return [{} for _ in self.layers]
         return [{k: self._layer_state(i)[k] / self._ema_weight for k in self.factor_names}
@@ -214,8 +224,11 @@ class FactoredOptimizer(CurvatureOptimizer):
         return out
 
     def _check_finite(self, batch: list[dict[str, Tensor]], what: dict[str, str], t: int) -> None:
-        """One synchronisation for all factors of a batch: a Gram matrix ``Σ x xᵀ`` is finite iff
-        its diagonal is (``|G_ij| ≤ √(G_ii G_jj)``), so only the diagonals are summed."""
+        """One synchronisation for all factors of a batch.
+
+        A Gram matrix ``Σ x xᵀ`` is finite iff its diagonal is (``|G_ij| ≤ √(G_ii G_jj)``), so
+        only the diagonals are summed.
+        """
         sums = torch.stack([d[k].diagonal().sum() for d in batch for k in d])
         if bool(torch.isfinite(sums).all()):
             return
@@ -254,15 +267,20 @@ class FactoredOptimizer(CurvatureOptimizer):
         return out
 
     def _invert_all(self, ema: list[dict[str, Tensor]], weight: float) -> list[dict[str, Any]]:
-        """Preconditioner pieces of every layer from the (unnormalised, rank-averaged) EMAs and
-        their weight ``w``."""
+        """Preconditioner pieces of every layer from the (unnormalised, rank-averaged) EMAs.
+
+        Each EMA is divided by its weight ``w`` first.
+        """
         return [self._invert(i, {k: v / weight for k, v in ema[i].items()},
                              self.param_groups[gi]["damping"])
                 for i, gi in enumerate(self.layer_groups)]
 
     def _plan(self, final: bool = True, **variant: Any) -> Plan:
-        """The step as a :class:`Plan`. ``final=False`` (for :meth:`direction`) skips an
-        inversion that would only serve later steps."""
+        """The step as a :class:`Plan`.
+
+        ``final=False`` (for :meth:`direction`) skips an inversion that would only serve later
+        steps.
+        """
         t = self._step
         self._check_hooks()
         sched = self.schedule
@@ -329,7 +347,7 @@ class FactoredOptimizer(CurvatureOptimizer):
             raise
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update (see the class docstring for the rule and the module doc for the schedule).
 
         Args:
@@ -349,8 +367,9 @@ class FactoredOptimizer(CurvatureOptimizer):
 
     @torch.no_grad()
     def direction(self) -> list[Tensor]:
-        """The parameter change ``Δθ`` the next :meth:`step` would make (same EMA update,
-        inversion, momentum and weight decay), without changing any state. Under
+        """The parameter change ``Δθ`` the next :meth:`step` would make, without changing state.
+
+        The same EMA update, inversion, momentum and weight decay as :meth:`step`. Under
         ``torch.distributed`` an inversion step all-reduces, so call it on every rank.
 
         Returns:
@@ -362,8 +381,10 @@ class FactoredOptimizer(CurvatureOptimizer):
     # ------------------------------------------------------------------ initialisation (App. K)
     @torch.no_grad()
     def initialize(self, batches: Iterable[Any], init_batches: int | None = None) -> int:
-        """App. K initialisation: "perform Line 11 of Algorithm 1 for a number of minibatches
-        (50) before training and then executing Line 8 once", with the EMA normalised.
+        """App. K initialisation of the factor EMAs before training.
+
+        "Perform Line 11 of Algorithm 1 for a number of minibatches (50) before training and then
+        executing Line 8 once", with the EMA normalised.
 
         Each batch is an input tensor or a tuple/list whose first entry is the input; one forward
         pass (with gradients enabled, parameters untouched) is run per batch, its factors enter
@@ -414,7 +435,7 @@ class FactoredOptimizer(CurvatureOptimizer):
                                               for i in range(len(self.layers))])
             precond = self._invert_all(ema, self._ema_weight)
         except Exception:
-            if gen_state is not None:
+            if gen_state is not None and self.generator is not None:  # saved from the generator
                 self.generator.set_state(gen_state)
             for i, d in enumerate(saved):
                 key = self._layer_key(i)

@@ -96,8 +96,11 @@ class FOOF(FactoredOptimizer):
         return out
 
     def _invert(self, i: int, factors: dict[str, Tensor], damping: float) -> dict[str, Any]:
-        """``(Â + λI)⁻¹`` of the operator ``I ⊗ Â`` (:meth:`curvkit.linalg.Kronecker.factorize`,
-        ``cholesky_inverse``; float32 only where the damped factor is well conditioned)."""
+        """``(Â + λI)⁻¹`` of the operator ``I ⊗ Â``.
+
+        By :meth:`curvkit.linalg.Kronecker.factorize` (``cholesky_inverse``; float32 only where
+        the damped factor is well conditioned).
+        """
         A = factors["A"]
         K = Kronecker(None, A, d_out=self.layers[i].d_out, name=f"FOOF[{self.layers[i].name}]")
         return K.factorize(damping, "exact", dtype=A.dtype, allow_float32=True).state_dict()

@@ -1,5 +1,7 @@
-"""KFAC with heuristic (factored Tikhonov, eq 2) or standard damping (eq 3, App. D.1), and the
-App. D.9 variant "FOOF with λ_A from KFAC" as a trainable direction."""
+"""KFAC with heuristic (factored Tikhonov, eq 2) or standard damping (eq 3, App. D.1).
+
+Also the App. D.9 variant "FOOF with λ_A from KFAC" as a trainable direction.
+"""
 
 from __future__ import annotations
 
@@ -192,8 +194,11 @@ class KFAC(FactoredOptimizer):
 
     # ------------------------------------------------------------------ inversion and products
     def _invert(self, i: int, factors: dict[str, Tensor], damping: float) -> dict[str, Any]:
-        """The factorised damped inverse of ``B̂ ⊗ Â`` (:meth:`curvkit.linalg.Kronecker.factorize`)
-        as plain tensors, in the factors' dtype (which follows ``model.to(dtype)``)."""
+        """The factorised damped inverse of ``B̂ ⊗ Â`` as plain tensors.
+
+        By :meth:`curvkit.linalg.Kronecker.factorize`, in the factors' dtype (which follows
+        ``model.to(dtype)``).
+        """
         A = factors["A"]
         K = Kronecker(factors["B"], A, name=f"KFAC[{self.layers[i].name}]")
         return K.factorize(damping, self.damping_mode, dtype=A.dtype, allow_float32=True).state_dict()
@@ -221,12 +226,14 @@ class KFAC(FactoredOptimizer):
             if rescale == "lambda_b":
                 F = F / pieces["lambda_B"]
             elif rescale == "norm":
+                if D is None:  # KFAC gives a direction for every layer with a gradient
+                    raise RuntimeError(f"no KFAC direction for layer {i}")
                 F = F * norm_ratio(D, F)
             out.append(F)
         return out
 
     @torch.no_grad()
-    def direction(self, variant: str | None = None, rescale: str | None = None  # type: ignore[override]
+    def direction(self, variant: str | None = None, rescale: str | None = None
                   ) -> list[Tensor]:
         """The parameter change ``Δθ`` of the next step, without changing any state.
 
