@@ -294,8 +294,10 @@ class LaplacePosterior:
         return self._from_layer(d[:, None])[:, 0].to(self.mean.dtype)
 
     def _functional(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(f(x; θ_MAP), J Λ⁻¹ Jᵀ)`` with shapes ``(N, C)`` and ``(N, C, C)``, chunked over the
-        test inputs (:func:`curvkit.laplace.functional.functional_moments`)."""
+        """``(f(x; θ_MAP), J Λ⁻¹ Jᵀ)`` with shapes ``(N, C)`` and ``(N, C, C)``.
+
+        Chunked over the test inputs (:func:`curvkit.laplace.functional.functional_moments`).
+        """
         if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] == 0):
             raise ValueError("x must be a non-empty batch of inputs")
         f_mean, f_var = functional_moments(self.model, x, self.layers, self.precision,

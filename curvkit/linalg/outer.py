@@ -299,8 +299,10 @@ class OuterProductFactor(LowRankFactor):
                 "per_sample": float(R * T * d * o + R * R * d * o)}
 
     def quad_route(self) -> str:
-        """The route of :meth:`weighted_block_grams64` with fewer flops (stated rule:
-        :meth:`quad_routes_flops`; ``T = 1`` is always ``"pairs"``)."""
+        """The route of :meth:`weighted_block_grams64` with fewer flops.
+
+        The rule is stated in :meth:`quad_routes_flops`; ``T = 1`` is always ``"pairs"``.
+        """
         if self.T == 1:
             return "pairs"
         f = self.quad_routes_flops()
@@ -375,8 +377,10 @@ class OuterProductFactor(LowRankFactor):
         return out
 
     def rotated(self, U_in: Tensor | None, U_out: Tensor | None) -> OuterProductFactor:
-        """The float64 factor of ``(U_out ⊗ U_in)ᵀ U``: inputs ``a U_in``, errors ``e U_out``
-        (``G ↦ U_outᵀ G U_in`` per column; ``None`` = identity), e.g. a Kronecker eigenbasis."""
+        """The float64 factor of ``(U_out ⊗ U_in)ᵀ U``: inputs ``a U_in``, errors ``e U_out``.
+
+        ``G ↦ U_outᵀ G U_in`` per column (``None`` = identity), e.g. a Kronecker eigenbasis.
+        """
         a, e = self.a.to(torch.float64), self.e.to(torch.float64)
         return OuterProductFactor(a if U_in is None else a @ U_in.to(a),
                                   e if U_out is None else e @ U_out.to(e), self.gram_route)
