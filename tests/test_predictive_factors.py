@@ -18,7 +18,7 @@ from torch import nn
 import curvkit
 import curvkit.laplace.functional as functional_mod
 import curvkit.linalg.lowrank as lowrank_mod
-import curvkit.linalg.operator as operator_mod
+import curvkit.linalg.memory as memory_mod
 import curvkit.linalg.outer as outer_mod
 from curvkit.laplace import LaplacePosterior
 from curvkit.linalg import DenseFactor, Diagonal, Kronecker, OuterProductFactor, ScaledFactor, StackedFactor
@@ -112,7 +112,7 @@ def test_diagonal_quad_blocks_per_parameter_damping(T):
 
 def test_weighted_gram_refuses_what_does_not_fit(monkeypatch):
     J = OuterProductFactor(torch.randn(2, 3, 4, dtype=f64), torch.randn(4, 3, 5, dtype=f64))
-    monkeypatch.setattr(operator_mod, "available_memory_bytes", lambda device="cpu": 1000)
+    monkeypatch.setattr(memory_mod, "available_memory_bytes", lambda device="cpu": 1000)
     with pytest.raises(MemoryError, match=r"functional variance of one input through a 5×4 layer .* GB"):
         J.weighted_block_grams64(torch.ones(5, 4, dtype=f64))
     with pytest.raises(ValueError, match="w must have shape"):
