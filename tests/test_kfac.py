@@ -20,7 +20,7 @@ from torch import nn
 import curvkit
 from curvkit.capture import UnsupportedLayerError
 from curvkit.curvature.kfac import KFACFactors, KroneckerBlockDiagonal, factors_of
-from curvkit.linalg import SingularError
+from curvkit.linalg import DampingError, SingularError
 from curvkit.testing import assert_operator_matches, dense_block_diagonal, dense_fisher, output_fisher
 from tests.cases import Case, all_cases, cnn, deep_linear_regression, mlp, regression, single_linear_one_point
 
@@ -232,6 +232,11 @@ def test_foof_damped_matrix():
     ref = independent_factors(case, "exact")
     D = torch.block_diag(*[torch.kron(torch.eye(B.shape[0], dtype=f64), A) for B, A in ref])
     torch.testing.assert_close(op.damped_dense(0.5), D + 0.5 * torch.eye(D.shape[0], dtype=f64))
+    # a constant tensor is the scalar; a per-parameter damping has no damped Kronecker matrix
+    torch.testing.assert_close(op.damped_dense(torch.full((D.shape[0],), 0.5, dtype=f64)),
+                               op.damped_dense(0.5))
+    with pytest.raises(DampingError, match="damped_dense with a per-parameter damping .* pass a number"):
+        op.damped_dense(torch.linspace(0.1, 1.0, D.shape[0], dtype=f64))
 
 
 # ---------------------------------------------------------------------- exposed factors

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import overload
 
 import numpy as np
 import scipy.sparse.linalg as spla
@@ -219,7 +220,14 @@ class LinearOperator:
         return out
 
     # ------------------------------------------------------------------ public API
-    def __matmul__(self, v: Vector) -> Vector:
+    @overload
+    def __matmul__(self, v: Tensor) -> Tensor: ...
+    @overload
+    def __matmul__(self, v: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]: ...
+    @overload
+    def __matmul__(self, v: LinearOperator) -> LinearOperator: ...
+
+    def __matmul__(self, v: Vector | LinearOperator) -> Vector | LinearOperator:
         if isinstance(v, LinearOperator):
             from curvkit.linalg.compose import _Product
 
@@ -227,8 +235,13 @@ class LinearOperator:
         X, fmt = self._to_matrix(v)
         return self._from_matrix(self._matmat(X), fmt)
 
+    @overload
+    def matvec(self, v: Tensor) -> Tensor: ...
+    @overload
+    def matvec(self, v: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]: ...
+
     def matvec(self, v: Vector) -> Vector:
-        """``A @ v`` (alias of ``@``)."""
+        """``A @ v`` (alias of ``@``): a tensor for a tensor, a list for a list or tuple."""
         return self @ v
 
     def _check_damping(self, damping: Damping) -> Damping:
@@ -266,6 +279,12 @@ class LinearOperator:
         if damping_mode not in self.damping_modes:
             raise ValueError(f"damping_mode={damping_mode!r} is not available for {self.name}; it "
                              f"supports {list(self.damping_modes)}")
+
+    @overload
+    def solve(self, v: Tensor, damping: Damping = ..., damping_mode: DampingMode = ...) -> Tensor: ...
+    @overload
+    def solve(self, v: list[Tensor] | tuple[Tensor, ...], damping: Damping = ...,
+              damping_mode: DampingMode = ...) -> list[Tensor]: ...
 
     def solve(self, v: Vector, damping: Damping = 0.0, damping_mode: DampingMode = "exact") -> Vector:
         """``(A + D)⁻¹ v`` for ``v`` in any vector format; same format back.
