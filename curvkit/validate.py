@@ -330,7 +330,7 @@ def compare(
         state = generator.get_state()
 
     def fresh_generator() -> torch.Generator | None:
-        if state is None:
+        if state is None or generator is None:  # a state is saved only with a generator
             return generator
         g = torch.Generator(device=generator.device)
         g.set_state(state.clone())

@@ -6,12 +6,12 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.capture.generic import generic_columns
+from curvkit.capture.generic import GenericAdapter, generic_columns
 from curvkit.capture.guard import verify_capture
 from curvkit.capture.hooks import BackwardRoute, errors_by_backward, layer_errors, record
 from curvkit.capture.inputs import OutputFn, batch_size, forward, input_tensors
@@ -21,7 +21,7 @@ from curvkit.capture.targets import num_loss_terms, output_seeds
 
 @dataclass
 class Captured:
-    """Per-layer factors of ``F = G Gᵀ`` on one batch (math_spec §2).
+    """Per-layer factors of ``F = G Gᵀ`` on one batch (Fisher of Benzing 2022, eq 1; App. I).
 
     Attributes:
         layers: the tracked layers.
@@ -50,10 +50,12 @@ class Captured:
 
     @property
     def num_data(self) -> int:
+        """``N``, the number of inputs in the batch."""
         return int(self.outputs.shape[0])
 
     @property
     def repeats(self) -> int:
+        """``R``, error rows per input (``e`` has ``N·R`` rows)."""
         return int(self.e[0].shape[0] // self.outputs.shape[0])
 
 
@@ -75,8 +77,9 @@ def batch_coupled(model: nn.Module) -> bool:
 
 
 def check_grad_mode(inputs):
-    """Refuse ``torch.inference_mode()``; return ``inputs`` usable in an autograd graph
-    (inference tensors are copied: they cannot be saved for backward).
+    """Refuse ``torch.inference_mode()``; return ``inputs`` usable in an autograd graph.
+
+    Inference tensors are copied: they cannot be saved for backward.
 
     Raises:
         RuntimeError: called inside ``torch.inference_mode()``.
@@ -101,8 +104,10 @@ def check_grad_mode(inputs):
 
 @contextmanager
 def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer a forward changes (train-mode BatchNorm running statistics and
-    ``num_batches_tracked``): capturing curvature leaves the model as it was."""
+    """Restore every buffer a forward changes: capturing curvature leaves the model as it was.
+
+    Those are train-mode BatchNorm running statistics and ``num_batches_tracked``.
+    """
     saved = [(b, b._version, b.clone()) for m in model.modules() if m.training
              for b in m.buffers(recurse=False)]
     try:
@@ -141,10 +146,26 @@ def capture(
     are left unchanged.
 
     Args:
+        model: the network.
+        inputs: the batch's model inputs (tensor, tuple or dict).
+        layers: the layer adapters to capture.
+        targets: data labels (needed for ``kind="empirical"``; mark ignored positions).
+        likelihood: ``"classification"``, ``"regression"`` (unit variance) or ``"binary"``.
+        kind: ``"exact"`` (expectation over ``y ∼ p``), ``"mc"`` (``mc_samples`` sampled labels
+            per input, also ÷S) or ``"empirical"`` (data labels); each Fisher is the mean over
+            the ``N_ℓ`` loss terms (table in :mod:`curvkit.capture.targets`).
+        mc_samples: ``S``, labels drawn per input for ``kind="mc"``.
+        generator: the randomness of the MC labels.
+        output_fn: maps the model output to the logits.
         check: verify the captured factors against autograd on the same batch (one extra
             backward, :func:`~curvkit.capture.guard.verify_capture`).
         ignore_index: classification target value of positions that are no loss term.
-        generic_route, generic_budget_gb: see :func:`curvkit.capture.generic.generic_columns`.
+        generic_route: the generic route, see :func:`curvkit.capture.generic.generic_columns`.
+        generic_budget_gb: its memory limit, see :func:`curvkit.capture.generic.generic_columns`.
+
+    Returns:
+        The :class:`Captured` factors, the Fisher scaling (``1/√N_ℓ``, ``1/√S``, ``√p``) folded
+        into the errors ``e``.
 
     Raises:
         CaptureMismatchError: ``check`` found a layer whose capture does not match autograd.
@@ -176,9 +197,12 @@ def capture_columns(
     """One forward pass, then the columns ``∂⟨σ_m, f⟩/∂θ`` of every layer in ``(a, e)`` form.
 
     Args:
-        model, inputs, layers: the network, the batch and the adapters.
+        model: the network.
+        inputs: the batch's model inputs.
+        layers: the adapters.
         seeds_of: ``outputs -> seeds (N, R, *outputs.shape[1:])`` (scaling folded in).
-        generic_route, generic_budget_gb: see :func:`curvkit.capture.generic.generic_columns`.
+        generic_route: see :func:`curvkit.capture.generic.generic_columns`.
+        generic_budget_gb: see :func:`curvkit.capture.generic.generic_columns`.
         output_fn: maps the model output to the logits (see :mod:`curvkit.capture.inputs`).
         check: run the capture guard on every layer (rules and generic route).
 
@@ -189,11 +213,12 @@ def capture_columns(
     inputs = check_grad_mode(inputs)
     _warn_train_mode(model)
     hooked = [layer for layer in layers if layer.hooked]
-    generic = [layer for layer in layers if not layer.hooked]
+    generic = cast("list[GenericAdapter]", [layer for layer in layers if not layer.hooked])
     with torch.enable_grad(), buffers_kept(model):
         with record(hooked, keep_outputs=True, batch_size=N) as rec:
             outputs = forward(model, inputs, output_fn)
             rec.check_complete(hooked)
+            recorded = cast("list[Tensor]", rec.inputs)  # check_complete: every input recorded
             seeds = seeds_of(outputs).to(outputs.dtype)
             route = None
             if hooked and any(rec.ungraphed):  # reentrant checkpointing: only .backward() reaches
@@ -202,12 +227,12 @@ def capture_columns(
             else:
                 errors = layer_errors(outputs, rec, hooked, seeds) if hooked else []
         pairs = {id(layer): layer.combine(ai, ei)
-                 for layer, ai, ei in zip(hooked, rec.inputs, errors)}
+                 for layer, ai, ei in zip(hooked, recorded, errors)}
         # outside the hooks: the generic route's own forwards are no uses of the hooked layers
-        for layer, ei in zip(generic, generic_columns(model, inputs, generic, seeds,
-                                                      generic_route, generic_budget_gb,
-                                                      output_fn)):
-            pairs[id(layer)] = (torch.ones(N, 1, 1, dtype=ei.dtype, device=ei.device), ei)
+        for g_layer, ei in zip(generic, generic_columns(model, inputs, generic, seeds,
+                                                        generic_route, generic_budget_gb,
+                                                        output_fn)):
+            pairs[id(g_layer)] = (torch.ones(N, 1, 1, dtype=ei.dtype, device=ei.device), ei)
         a = [pairs[id(layer)][0] for layer in layers]
         e = [pairs[id(layer)][1] for layer in layers]
         for layer, ai, ei in zip(layers, a, e):
@@ -235,7 +260,8 @@ def capture_inputs(model: nn.Module, inputs, layers: Sequence[LayerAdapter], *,
             record(layers, keep_outputs=check, batch_size=N) as rec:
         outputs = forward(model, inputs, output_fn)
         rec.check_complete(layers)
-        for layer, a in zip(layers, rec.inputs):
+        recorded = cast("list[Tensor]", rec.inputs)  # check_complete: every input recorded
+        for layer, a in zip(layers, recorded):
             if not torch.isfinite(a).all():
                 raise FloatingPointError(f"non-finite inputs at layer {layer.describe()}")
         if check:
@@ -249,6 +275,6 @@ def capture_inputs(model: nn.Module, inputs, layers: Sequence[LayerAdapter], *,
                 backward = lambda v: (route.run(flat, v), route.leaf_grads)[1]  # noqa: E731
             else:
                 errors, backward = layer_errors(flat, rec, layers, seeds), None
-            verify_capture(layers, rec.inputs, errors, flat, seeds, retain_graph=False,
+            verify_capture(layers, recorded, errors, flat, seeds, retain_graph=False,
                            per_sample=not batch_coupled(model), backward=backward)
-    return list(rec.inputs)
+    return list(recorded)

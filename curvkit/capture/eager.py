@@ -44,8 +44,9 @@ def eager_module(model: nn.Module, owner: str = "curvkit") -> nn.Module:
 
 
 def check_eager(model: nn.Module, owner: str) -> None:
-    """Refuse a compiled model for hook-based optimizers (their hooks watch the user's own
-    forward passes, which a compiled graph runs without them).
+    """Refuse a compiled model for hook-based optimizers.
+
+    Their hooks watch the user's own forward passes, which a compiled graph runs without them.
 
     Raises:
         TypeError: ``model`` or a submodule is compiled; the message says what to do.

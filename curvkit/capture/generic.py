@@ -29,10 +29,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from typing_extensions import override
 
 from curvkit.capture.inputs import OutputFn, as_logits, forward, slice_inputs
 from curvkit.capture.rules.base import ExplicitAdapter
-from curvkit.linalg.operator import available_memory_bytes
+from curvkit.linalg.memory import available_memory_bytes
 
 #: Bytes of intermediate per-sample gradients materialised at once.
 CHUNK_BYTES = 2**27
@@ -56,9 +57,11 @@ class GenericAdapter(ExplicitAdapter):
     hooked: ClassVar[bool] = False
     family: ClassVar[str] = "generic"
 
+    @override
     def parameters(self) -> list[nn.Parameter]:
         return list(self.params)
 
+    @override
     def describe(self) -> str:
         return f"'{self.name or '<model>'}' ({type(self.module).__name__}, generic: {self.reason})"
 
@@ -147,7 +150,7 @@ def _call(model: nn.Module, theta: dict[str, Tensor], inputs: Any) -> Any:
     return functional_call(model, theta, tuple(inputs))
 
 
-def _vmap_columns(model: nn.Module, inputs: Any, names: list[str], params: list[Tensor],
+def _vmap_columns(model: nn.Module, inputs: Any, names: list[str], params: Sequence[Tensor],
                   seeds: Tensor, output_fn: OutputFn | None) -> Tensor:
     """``(N·R, P_g)`` by ``vmap`` over inputs of ``vjp`` from ``vmap``-ed seeds."""
     N, R = seeds.shape[:2]
@@ -162,7 +165,7 @@ def _vmap_columns(model: nn.Module, inputs: Any, names: list[str], params: list[
         def f(t):
             return as_logits(_call(model, t, x1), output_fn)[0]
 
-        _, pull = vjp(f, th)
+        pull = vjp(f, th)[1]
         g = vmap(pull)(s)[0]  # name -> (R, *shape)
         return torch.cat([g[n].reshape(s.shape[0], -1) for n in names], dim=1)
 
@@ -177,7 +180,7 @@ def _vmap_columns(model: nn.Module, inputs: Any, names: list[str], params: list[
     return torch.cat(parts).reshape(N * R, P).detach()
 
 
-def _loop_columns(model: nn.Module, inputs: Any, params: list[Tensor], seeds: Tensor,
+def _loop_columns(model: nn.Module, inputs: Any, params: Sequence[Tensor], seeds: Tensor,
                   output_fn: OutputFn | None) -> Tensor:
     """``(N·R, P_g)`` by one forward per input and ``R`` backward passes (``autograd.grad``)."""
     N, R = seeds.shape[:2]

@@ -74,6 +74,7 @@ class Records:
 
     @classmethod
     def empty(cls, n: int, batch_size: int | None = None) -> Records:
+        """Records for ``n`` layers with nothing recorded yet."""
         return cls([None] * n, [None] * n, [0] * n, batch_size, [[] for _ in range(n)],
                    [[] for _ in range(n)])
 
@@ -238,8 +239,10 @@ class BackwardRoute:
         return output
 
     def run(self, outputs: Tensor, v: Tensor) -> dict[tuple[int, int], Tensor]:
-        """``.backward()`` of ``⟨v, outputs⟩``; returns ``{(layer, use): ∂/∂s}``; leaves' ``.grad``
-        afterwards hold this backward's gradients (see :meth:`param_grads`)."""
+        """``.backward()`` of ``⟨v, outputs⟩``; returns ``{(layer, use): ∂/∂s}``.
+
+        The leaves' ``.grad`` afterwards hold this backward's gradients (see :meth:`param_grads`).
+        """
         self.grads = {}
         self._seen = [0] * len(self.records.calls)
         handles = []
@@ -335,12 +338,15 @@ class Recorder:
 
     @property
     def active(self) -> bool:
+        """Whether the hooks are still registered."""
         return self._finalizer.alive
 
 
 def in_functorch() -> bool:
-    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, …) is running: its
-    forwards are the user's own analysis of the model, not training forwards to record."""
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, …) is running.
+
+    Its forwards are the user's own analysis of the model, not training forwards to record.
+    """
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 

@@ -141,6 +141,7 @@ def parse_batch(batch: Any, targets: Any = None, label_key: str = LABEL_KEY) -> 
         ValueError: a tuple batch of the wrong length, an empty batch, or targets whose number
             of rows differs from the batch size.
     """
+    inputs: Any  # the model inputs: a tensor, a tuple or a mapping
     if isinstance(batch, Tensor):
         inputs = batch
     elif isinstance(batch, Mapping):

@@ -83,8 +83,10 @@ def _supported_names() -> str:
 
 
 def _tie_groups(model: nn.Module, wanted: set[int]) -> dict[int, list[tuple[str, nn.Module]]]:
-    """``id(first module) -> [(name, module), …]`` for modules of one ruled type sharing all
-    their selected parameters (ties the hooks capture as extra uses)."""
+    """``id(first module) -> [(name, module), …]`` for tied modules of one ruled type.
+
+    Tied: sharing all their selected parameters (ties the hooks capture as extra uses).
+    """
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, m in model.named_modules():
         for p in m.parameters(recurse=False):
@@ -147,7 +149,7 @@ def find_rules(model: nn.Module, params: list[nn.Parameter],
             _check_standard(name, module, rule, reason, own, owners, group)
         ok = {pn for pn, p in own if owners[id(p)] == 1 or group is not None}
         ruled = {pn for pn in ok if rule is not None and pn in rule.handles}
-        if ruled:
+        if ruled and rule is not None:  # ruled is empty without a rule
             new = rule.from_module(name, module, ruled)
             if group is not None:
                 for ad in new:

@@ -84,6 +84,7 @@ class ErrorRecorder:
 
     @property
     def active(self) -> bool:
+        """Whether the hooks are still registered."""
         return self._finalizer.alive
 
     def _compute(self, output: Tensor) -> None:
@@ -136,6 +137,7 @@ class InputRecorder:
         self._finalizer = weakref.finalize(self, handle.remove)
 
     def reset(self) -> None:
+        """Forget the recorded input."""
         self.inputs = None
 
     def remove(self) -> None:
@@ -144,6 +146,7 @@ class InputRecorder:
 
     @property
     def active(self) -> bool:
+        """Whether the hook is still registered."""
         return self._finalizer.alive
 
 

@@ -117,8 +117,10 @@ def term_mask(outputs: Tensor, targets: Tensor | None, likelihood: str,
 
 def loss_gradient(outputs: Tensor, targets: Tensor, likelihood: str,
                   ignore_index: int = -100) -> Tensor:
-    """``∇_f(−log p(y|f))`` per position, shape of the outputs (no normalisation; ignored
-    positions get zero)."""
+    """``∇_f(−log p(y|f))`` per position, shape of the outputs.
+
+    No normalisation; ignored positions get zero.
+    """
     f = outputs.detach()
     if likelihood == "classification":
         p = torch.softmax(f, dim=-1)
@@ -153,8 +155,10 @@ def sample_targets(
 
 
 def exact_factor(outputs: Tensor, likelihood: str) -> Tensor:
-    """Symmetric factor ``S`` with ``S Sᵀ = Λ`` per position: shape ``(*outputs.shape, C)``
-    (``(N, R=C, C)`` for 2-D outputs), rows = columns of ``S``."""
+    """Symmetric factor ``S`` with ``S Sᵀ = Λ`` per position: shape ``(*outputs.shape, C)``.
+
+    ``(N, R=C, C)`` for 2-D outputs; rows = columns of ``S``.
+    """
     f = outputs.detach()
     C = f.shape[-1]
     eye = torch.eye(C, dtype=f.dtype, device=f.device)
@@ -193,6 +197,11 @@ def output_seeds(
         outputs: ``(N, C)`` or ``(N, …, C)`` (module docstring).
         targets: data labels (needed for ``"empirical"``; with classification they mark
             ignored positions for every kind).
+        likelihood: ``"classification"``, ``"regression"`` or ``"binary"`` (module docstring).
+        kind: ``"exact"`` (``R = C`` per position), ``"mc"`` (``R = mc_samples``) or
+            ``"empirical"`` (``R = 1``).
+        mc_samples: ``S``, labels drawn per input for ``"mc"``.
+        generator: the randomness of the MC labels.
         ignore_index: target value of positions that are no loss term.
 
     Returns:

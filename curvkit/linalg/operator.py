@@ -32,8 +32,6 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
-# available_memory_bytes is re-exported for modules that still import it from here
-from curvkit.linalg.memory import available_memory_bytes as available_memory_bytes
 from curvkit.linalg.memory import check_memory
 from curvkit.typing import DampingMode
 

@@ -34,7 +34,7 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
 
 
 class NaturalGradient(CurvatureOptimizer):
-    """Damped natural gradient with the exact subsampled Fisher (paper App. I; math_spec §3–4).
+    """Damped natural gradient with the exact subsampled Fisher (paper App. I, eqs 19–23).
 
     Symbols: ``η`` = ``lr``, ``λ`` = ``damping``, ``μ`` = ``momentum``, ``ω`` = ``weight_decay``,
     ``T`` = ``inv_period``. With the Fisher ``F̄`` of a batch of ``N_F`` inputs
@@ -208,8 +208,11 @@ class NaturalGradient(CurvatureOptimizer):
             self.inputs.enabled = was
 
     def _rebuild(self, state: list[dict[str, Any]]) -> list[Curvature]:
-        """The Fishers from stored per-layer factors (``load_state_dict``), built by the same
-        structure builder as ``curvkit.fisher`` (:func:`curvkit.curvature.build.from_captured`)."""
+        """The Fishers from stored per-layer factors (``load_state_dict``).
+
+        Built by the same structure builder as ``curvkit.fisher``
+        (:func:`curvkit.curvature.build.from_captured`).
+        """
         return [from_captured(self.model, st["a"], st["e"], num_data=st["num_data"],
                               likelihood=self.likelihood, kind=self.kind,
                               structure=self.structure, params=ps)
@@ -229,8 +232,12 @@ class NaturalGradient(CurvatureOptimizer):
         if fishers is None or t % self.inv_period == 0:
             batch, source = self._fisher_batch(current)
             fishers = self._build(batch)
-            fstate = [{"a": list(F.captured.a), "e": list(F.captured.e), "num_data": F.num_data}
-                      for F in fishers]
+            fstate = []
+            for F in fishers:
+                cap = F.captured  # a Fisher of one batch keeps its captured factors
+                if cap is None:
+                    raise RuntimeError("NaturalGradient's Fisher has no captured factors")
+                fstate.append({"a": list(cap.a), "e": list(cap.e), "num_data": F.num_data})
         bufs = self._momentum_buffers(grads)
         directions: dict[int, Tensor] = {}
         for k, F in enumerate(fishers):
@@ -249,12 +256,12 @@ class NaturalGradient(CurvatureOptimizer):
         try:
             return self._plan(inputs, targets)
         except Exception:
-            if gen_state is not None:
+            if gen_state is not None and self.generator is not None:  # saved from the generator
                 self.generator.set_state(gen_state)
             raise
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *,  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None, *,
              inputs: Tensor | None = None, targets: Tensor | None = None) -> Any:
         """One natural-gradient update.
 
@@ -283,13 +290,22 @@ class NaturalGradient(CurvatureOptimizer):
 
     @torch.no_grad()
     def direction(self, *, inputs: Tensor | None = None, targets: Tensor | None = None) -> list[Tensor]:
-        """The parameter change the next :meth:`step` would make, without changing any state
-        (a Fisher refresh is computed but not kept; the generator is restored)."""
+        """The parameter change the next :meth:`step` would make, without changing any state.
+
+        A Fisher refresh is computed but not kept; the generator is restored.
+
+        Args:
+            inputs: the batch inputs (default: recorded from the latest grad-enabled forward).
+            targets: the batch labels (as for :meth:`step`).
+
+        Returns:
+            ``Δθ``, tensors shaped like the parameters in ``param_groups`` order.
+        """
         gen_state = None if self.generator is None else self.generator.get_state()
         try:
             plan = self._plan(inputs, targets)
         finally:
-            if gen_state is not None:
+            if gen_state is not None and self.generator is not None:  # saved from the generator
                 self.generator.set_state(gen_state)
         return self._as_update(plan["directions"])
 

@@ -112,6 +112,7 @@ def rules() -> dict[type[nn.Module], type[LayerAdapter]]:
 
 
 register_rule(nn.Linear, LinearAdapter)
+_t: type[nn.Module]
 for _t in CONVS:
     register_rule(_t, ConvAdapter)
 for _t in TRANSPOSED:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from curvkit.linalg import LowRankFactor, OuterProductFactor
 
@@ -95,12 +96,13 @@ class LayerAdapter:
 
     @property
     def d_out(self) -> int:
-        return int(self.module.weight.shape[0])
+        """``d_out``: rows of the block ``W̃`` (the weight's first dimension)."""
+        return int(cast(Tensor, self.module.weight).shape[0])
 
     @property
     def d_w(self) -> int:
         """Number of weight columns (``d_in`` without the bias column)."""
-        return int(math.prod(self.module.weight.shape[1:]))
+        return int(math.prod(cast(Tensor, self.module.weight).shape[1:]))
 
     @property
     def d_in(self) -> int:
@@ -109,6 +111,7 @@ class LayerAdapter:
 
     @property
     def size(self) -> int:
+        """Number of parameters of the block, ``d_out · d_in``."""
         return self.d_out * self.d_in
 
     @property
@@ -117,6 +120,7 @@ class LayerAdapter:
         return (self.module, *self.tied)
 
     def describe(self) -> str:
+        """The layer for messages: its name, module type and tied modules."""
         tied = f", tied with {', '.join(repr(n) for n in self.tied_names)}" if self.tied else ""
         return f"'{self.name or '<model>'}' ({type(self.module).__name__}{tied})"
 
@@ -144,11 +148,11 @@ class LayerAdapter:
 
     def parameters(self) -> list[nn.Parameter]:
         """The selected parameters of this block (whole tensors)."""
-        out = []
+        out: list[nn.Parameter] = []
         if self.weight:
-            out.append(self.module.weight)
+            out.append(cast(nn.Parameter, self.module.weight))
         if self.bias:
-            out.append(self.module.bias)
+            out.append(cast(nn.Parameter, self.module.bias))
         return out
 
     # ------------------------------------------------------------------ capture
@@ -232,7 +236,7 @@ class LayerAdapter:
             return w0, w0 + self.size
         if b0 is not None and w0 is None:
             return b0, b0 + self.size
-        if self.d_out == 1 and b0 == w0 + self.d_w:
+        if self.d_out == 1 and w0 is not None and b0 == w0 + self.d_w:
             return w0, w0 + self.size
         return None
 
@@ -248,29 +252,36 @@ class ExplicitAdapter(LayerAdapter):
     standard: ClassVar[bool] = False
     family: ClassVar[str] = "explicit"
 
+    @override
     @property
     def d_out(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @override
     @property
     def d_w(self) -> int:
         return 1
 
+    @override
     @property
     def d_in(self) -> int:
         return 1
 
     def per_sample(self, a: Tensor, e: Tensor) -> Tensor:
+        """``(M, size)`` explicit per-column gradients from ``a`` and ``e`` (the rule's formula)."""
         raise NotImplementedError
 
+    @override
     def combine(self, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         N = a.shape[0]
         g = self.per_sample(a, e)
         return torch.ones(N, 1, 1, dtype=g.dtype, device=g.device), g.unsqueeze(1)
 
+    @override
     def layer_index(self, offsets: dict[int, int]) -> Tensor:
         return torch.cat([offsets[id(p)] + torch.arange(p.numel()) for p in self.parameters()])
 
+    @override
     def span(self, offsets: dict[int, int]) -> tuple[int, int] | None:
         start = pos = None
         for p in self.parameters():
@@ -280,4 +291,6 @@ class ExplicitAdapter(LayerAdapter):
             elif o != pos:
                 return None
             pos += p.numel()
+        if start is None or pos is None:  # no parameters selected
+            return None
         return start, pos

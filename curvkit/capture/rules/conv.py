@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from typing_extensions import override
 
 from curvkit.capture.rules.base import LayerAdapter, UnsupportedLayerError
 
@@ -33,12 +35,12 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _pad_pairs(m: nn.Module) -> list[tuple[int, int]] | None:
-    """Per spatial dim ``(left, right)`` zero/mode padding, or None for 'valid'."""
+def _pad_pairs(m: _ConvNd) -> list[tuple[int, int]]:
+    """Per spatial dim ``(left, right)`` zero/mode padding (zeros for 'valid')."""
     nd = len(m.kernel_size)
     if m.padding == "valid":
         return [(0, 0)] * nd
-    if m.padding == "same":
+    if isinstance(m.padding, str):  # "same", the only other string torch accepts
         out = []
         for d, k in zip(m.dilation, m.kernel_size):
             total = d * (k - 1)
@@ -77,6 +79,12 @@ class ConvAdapter(LayerAdapter):
 
     family: ClassVar[str] = "conv"
 
+    @property
+    def conv(self) -> _ConvNd:
+        """The module, typed as a convolution (the rule is registered for convolutions only)."""
+        return cast(_ConvNd, self.module)
+
+    @override
     @classmethod
     def from_module(cls, name, module, selected):
         ads = [cls(name, module, "weight" in selected, "bias" in selected, group=g)
@@ -85,40 +93,46 @@ class ConvAdapter(LayerAdapter):
             ad.check()
         return ads
 
+    @override
     @property
     def standard(self) -> bool:  # type: ignore[override]
-        return self.module.groups == 1
+        return self.conv.groups == 1
 
     @property
     def nd(self) -> int:
-        return len(self.module.kernel_size)
+        """Number of spatial dimensions of the convolution."""
+        return len(self.conv.kernel_size)
 
+    @override
     @property
     def d_out(self) -> int:
-        return int(self.module.weight.shape[0]) // self.module.groups
+        return int(self.conv.weight.shape[0]) // self.conv.groups
 
+    @override
     @property
     def row0(self) -> int:
         return self.group * self.d_out
 
+    @override
     def describe(self) -> str:
         base = super().describe()
-        return base if self.module.groups == 1 else f"{base} group {self.group}"
+        return base if self.conv.groups == 1 else f"{base} group {self.group}"
 
-    def _fast(self, m: nn.Module) -> bool:
+    def _fast(self, m: _ConvNd) -> bool:
         return (self.nd == 2 and m.groups == 1 and m.padding_mode == "zeros"
                 and not isinstance(m.padding, str))
 
+    @override
     def inputs(self, x: Tensor, module: nn.Module | None = None,
                batch_size: int | None = None) -> Tensor:
-        m = self.module if module is None else module  # a tied module has its own geometry
+        m = self.conv if module is None else cast(_ConvNd, module)  # a tied module: own geometry
         x = x.detach()
         if x.dim() == self.nd + 1:  # unbatched input
             x = x.unsqueeze(0)
         x = self.batch_first(x, batch_size, "input")
         if self._fast(m):
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                         stride=m.stride).transpose(1, 2)
+            a = F.unfold(x, m.kernel_size, dilation=m.dilation,  # _fast: integer padding
+                         padding=cast("tuple[int, ...]", m.padding), stride=m.stride).transpose(1, 2)
             return self.with_bias_column(a)
         cin = x.shape[1] // m.groups
         x = x[:, self.group * cin : (self.group + 1) * cin]
@@ -130,6 +144,7 @@ class ConvAdapter(LayerAdapter):
                 x = F.pad(x, pads)
         return self.with_bias_column(unfold_nd(x, m.kernel_size, m.dilation, m.stride))
 
+    @override
     def errors(self, grad_out: Tensor, batch_size: int | None = None) -> Tensor:
         if grad_out.dim() == self.nd + 1:
             grad_out = grad_out.unsqueeze(0)
@@ -140,7 +155,7 @@ class ConvAdapter(LayerAdapter):
 
 
 def _check_transposed(ad: LayerAdapter) -> None:
-    m = ad.module
+    m = cast(_ConvTransposeNd, ad.module)
     if m.padding_mode != "zeros":  # torch itself only allows zeros
         raise UnsupportedLayerError(f"Layer {ad.describe()} uses padding_mode={m.padding_mode!r}")
 
@@ -155,6 +170,12 @@ class ConvTransposeAdapter(LayerAdapter):
     family: ClassVar[str] = "conv_transpose"
     handles: ClassVar[tuple[str, ...]] = ("weight", "bias")
 
+    @property
+    def conv(self) -> _ConvTransposeNd:
+        """The module, typed as a transposed convolution."""
+        return cast(_ConvTransposeNd, self.module)
+
+    @override
     @classmethod
     def from_module(cls, name, module, selected):
         ads: list[LayerAdapter] = []
@@ -168,28 +189,35 @@ class ConvTransposeAdapter(LayerAdapter):
 
     @property
     def nd(self) -> int:
-        return len(self.module.kernel_size)
+        """Number of spatial dimensions of the convolution."""
+        return len(self.conv.kernel_size)
 
     @property
     def cin(self) -> int:
-        return int(self.module.weight.shape[0]) // self.module.groups
+        """Input channels per group, ``C_in/G`` (the columns of ``Wᵀ``)."""
+        return int(self.conv.weight.shape[0]) // self.conv.groups
 
     @property
     def cout(self) -> int:
-        return int(self.module.weight.shape[1])
+        """Output channels per group, ``C_out/G``."""
+        return int(self.conv.weight.shape[1])
 
+    @override
     @property
     def d_out(self) -> int:
-        return self.cout * math.prod(self.module.kernel_size)
+        return self.cout * math.prod(self.conv.kernel_size)
 
+    @override
     @property
     def d_w(self) -> int:
         return self.cin
 
+    @override
     def describe(self) -> str:
         base = super().describe()
-        return base if self.module.groups == 1 else f"{base} group {self.group}"
+        return base if self.conv.groups == 1 else f"{base} group {self.group}"
 
+    @override
     def inputs(self, x: Tensor, module: nn.Module | None = None,
                batch_size: int | None = None) -> Tensor:
         x = x.detach()
@@ -199,16 +227,18 @@ class ConvTransposeAdapter(LayerAdapter):
         N, C = x.shape[:2]
         return x.reshape(N, C, -1).transpose(1, 2)
 
+    @override
     def errors(self, grad_out: Tensor, batch_size: int | None = None) -> Tensor:
-        m = self.module
+        m = self.conv
         if grad_out.dim() == self.nd + 1:
             grad_out = grad_out.unsqueeze(0)
         g = grad_out[:, self.group * self.cout : (self.group + 1) * self.cout]
-        pads = [p for p in m.padding for _ in range(2)]
+        pads = [p for p in cast("tuple[int, ...]", m.padding) for _ in range(2)]  # ints only
         if any(pads):  # un-pad by padding with zeros: the patches read outside the output
             g = F.pad(g, pads)
         return unfold_nd(g, m.kernel_size, m.dilation, m.stride)
 
+    @override
     def layer_index(self, offsets: dict[int, int]) -> Tensor:
         # entry (row (o, κ), column i) is W[g·cin + i, o, κ]
         w0 = offsets[id(self.module.weight)] + self.group * self.cin * self.d_out
@@ -216,6 +246,7 @@ class ConvTransposeAdapter(LayerAdapter):
         cols = torch.arange(self.cin)[None, :] * self.d_out
         return (w0 + rows + cols).reshape(-1)
 
+    @override
     def span(self, offsets: dict[int, int]) -> tuple[int, int] | None:
         if self.cin == 1 or self.d_out == 1:
             w0 = offsets[id(self.module.weight)] + self.group * self.cin * self.d_out
@@ -231,13 +262,19 @@ class ConvTransposeBias(LayerAdapter):
     family: ClassVar[str] = "conv_transpose"
 
     @property
+    def conv(self) -> _ConvTransposeNd:
+        """The module, typed as a transposed convolution."""
+        return cast(_ConvTransposeNd, self.module)
+
+    @override
+    @property
     def d_out(self) -> int:
-        return int(self.module.bias.shape[0])
+        return int(cast(Tensor, self.conv.bias).shape[0])
 
     def inputs(self, x: Tensor, module: nn.Module | None = None,
                batch_size: int | None = None) -> Tensor:
         """``a = 1`` at each output location (sizes from the module's output formula)."""
-        m = self.module
+        m = self.conv
         nd = len(m.kernel_size)
         if x.dim() == nd + 1:
             x = x.unsqueeze(0)
@@ -247,13 +284,15 @@ class ConvTransposeBias(LayerAdapter):
             T *= (L - 1) * s - 2 * p + d * (k - 1) + op + 1
         return torch.ones(x.shape[0], T, 1, dtype=x.dtype, device=x.device)
 
+    @override
     def errors(self, grad_out: Tensor, batch_size: int | None = None) -> Tensor:
-        if grad_out.dim() == len(self.module.kernel_size) + 1:
+        if grad_out.dim() == len(self.conv.kernel_size) + 1:
             grad_out = grad_out.unsqueeze(0)
         N, C = grad_out.shape[:2]
         e = grad_out.reshape(N, C, -1).transpose(1, 2)
         return e
 
+    @override
     def combine(self, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         if a.shape[1] != e.shape[1]:
             raise UnsupportedLayerError(

@@ -14,7 +14,7 @@ name (:data:`QUALNAME`) and applies only to that exact class (and subclasses kee
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -34,12 +34,12 @@ class HFConv1DAdapter(LayerAdapter):
     @property
     def d_out(self) -> int:
         """``nf``: the second dimension of the stored weight."""
-        return int(self.module.weight.shape[1])
+        return int(cast(Tensor, self.module.weight).shape[1])
 
     @property
     def d_w(self) -> int:
         """``nx``: the first dimension of the stored weight."""
-        return int(self.module.weight.shape[0])
+        return int(cast(Tensor, self.module.weight).shape[0])
 
     def layer_index(self, offsets: dict[int, int]) -> Tensor:
         """Flat positions of ``[Wᵀ | b]`` row-major (entry ``(o, i)`` is ``W[i, o]``)."""

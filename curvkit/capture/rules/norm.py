@@ -20,11 +20,12 @@ gradients as explicit columns (``a = 1``; see :class:`~curvkit.capture.rules.bas
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from curvkit.capture.rules.base import ExplicitAdapter, UnsupportedLayerError
 
@@ -38,10 +39,12 @@ class NormAdapter(ExplicitAdapter):
         """``x̂`` with the affine dimension last: ``(N, T, d)``."""
         raise NotImplementedError
 
+    @override
     def inputs(self, x: Tensor, module: nn.Module | None = None,
                batch_size: int | None = None) -> Tensor:
         return self.normalised(x.detach())
 
+    @override
     def per_sample(self, a: Tensor, e: Tensor) -> Tensor:
         N = a.shape[0]
         M, T, d = e.shape
@@ -57,6 +60,7 @@ class NormAdapter(ExplicitAdapter):
 class ChannelNormAdapter(NormAdapter):
     """Norm layers with the affine dimension 1 (BatchNorm, GroupNorm): channel moved last."""
 
+    @override
     def errors(self, grad_out: Tensor, batch_size: int | None = None) -> Tensor:
         return _channel_last(grad_out, self.module)
 
@@ -69,8 +73,15 @@ def _channel_last(x: Tensor, m: nn.Module) -> Tensor:
 
 
 class BatchNormAdapter(ChannelNormAdapter):
+    """``BatchNorm1d/2d/3d`` in eval mode: ``x̂ = (x − μ_run)/√(σ²_run + ε)`` per channel."""
+
     def check(self) -> None:
-        m = self.module
+        """Refuse train mode and missing running statistics (per-sample gradients do not exist).
+
+        Raises:
+            UnsupportedLayerError: the layer normalises with batch statistics.
+        """
+        m = cast("nn.modules.batchnorm._BatchNorm", self.module)
         if m.training or m.running_mean is None:
             raise UnsupportedLayerError(
                 f"Layer {self.describe()} normalises with batch statistics (train mode or "
@@ -79,35 +90,47 @@ class BatchNormAdapter(ChannelNormAdapter):
                 "parameters (requires_grad_(False))."
             )
 
+    @override
     def normalised(self, x: Tensor) -> Tensor:
         self.check()
-        m = self.module
+        m = cast("nn.modules.batchnorm._BatchNorm", self.module)
         xh = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
         return _channel_last(xh, m)
 
 
 class GroupNormAdapter(ChannelNormAdapter):
+    """``GroupNorm``: normalised per sample and group; ``γ``, ``β`` per channel."""
+
+    @override
     def normalised(self, x: Tensor) -> Tensor:
-        m = self.module
+        m = cast("nn.GroupNorm", self.module)
         return _channel_last(F.group_norm(x, m.num_groups, None, None, m.eps), m)
 
 
 class LayerNormAdapter(NormAdapter):
+    """``LayerNorm`` over ``normalized_shape``."""
+
     def _lead(self, x: Tensor) -> Tensor:
-        d = math.prod(self.module.normalized_shape)
-        k = len(self.module.normalized_shape)
+        shape = cast("nn.LayerNorm", self.module).normalized_shape
+        d = math.prod(shape)
+        k = len(shape)
         lead = x.shape[0] if x.dim() > k else 1
         return x.reshape(lead, -1, d)
 
+    @override
     def normalised(self, x: Tensor) -> Tensor:
-        m = self.module
+        m = cast("nn.LayerNorm", self.module)
         return self._lead(F.layer_norm(x, m.normalized_shape, None, None, m.eps))
 
+    @override
     def errors(self, grad_out: Tensor, batch_size: int | None = None) -> Tensor:
         return self._lead(grad_out)
 
 
 class RMSNormAdapter(LayerNormAdapter):
+    """``RMSNorm``: ``x̂ = x/√(mean x² + ε)`` over ``normalized_shape``, no ``β``."""
+
+    @override
     def normalised(self, x: Tensor) -> Tensor:
-        m = self.module
+        m = cast("nn.RMSNorm", self.module)
         return self._lead(F.rms_norm(x, m.normalized_shape, None, m.eps))
