@@ -52,6 +52,21 @@ Stored memory (``memory_bytes``), with ``b`` bytes per float and ``P`` selected 
 
 ``d_in,l`` counts the bias ones column. Only the errors are stored ``R`` times; the inputs once.
 
+Processes (``torch.distributed``, every rank passing its shard to ``consolidate``): ``F_t`` is the
+Fisher of the union. kfac/foof/diag factors (and ``"full"`` / ``"block_diag"`` on the primal
+route) are all-reduced and replicated. The Woodbury columns of ``"full"`` / ``"block_diag"`` are
+either copied to every rank (``EWC(distributed="gather")``, the default; ``penalty()`` is the full
+penalty everywhere) or kept by their ranks (``distributed="shard"``): rank ``r`` of ``W`` holds
+only ``U_{t,r}`` (its ``N_r`` data, columns scaled by ``1/√N`` of the union) with
+``F_t = Σ_r U_{t,r} U_{t,r}ᵀ``, and ``penalty()`` returns its **DDP share**::
+
+    share_r = W · (κ/2) Σ_t ‖U_{t,r}ᵀ Δ_t‖²  (+ the replicated terms in full)
+    (1/W) Σ_r ∇share_r = κ Σ_t Σ_r U_{t,r} U_{t,r}ᵀ Δ_t = κ Σ_t F_t Δ_t
+
+so ``DistributedDataParallel``'s gradient averaging yields exactly the full penalty's gradient,
+with no collective inside backward; ``penalty_value()`` all-reduces the shares to the full value
+(``(1/W) Σ_r share_r``) for logging. The state dict then holds this rank's columns only.
+
 Pieces (one job each): :mod:`curvkit.ewc.core` (:class:`EWC`: configuration, consolidate,
 penalty, memory, state), :mod:`curvkit.ewc.terms` (the stored quadratic forms and their plain-
 tensor state), :mod:`curvkit.ewc.layout` (the protected parameters by name and their layer-space

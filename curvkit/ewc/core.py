@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from curvkit.curvature import distributed as dd
 from curvkit.curvature import fisher, structures
 from curvkit.curvature.streaming import KINDS, LIKELIHOODS
 from curvkit.ewc.layout import ParameterLayout
 from curvkit.ewc.terms import Term, term_of
 from curvkit.typing import Kind, Likelihood, Structure
 
-__all__ = ["EWC"]
+__all__ = ["EWC", "DISTRIBUTED_MODES"]
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3
+_READABLE_VERSIONS = (2, 3)  # version 2: before distributed="shard" (all columns on every rank)
+#: Values of ``EWC(distributed=...)``.
+DISTRIBUTED_MODES = ("gather", "shard")
+Distributed = Literal["gather", "shard"]
 
 
 class EWC:
@@ -53,11 +58,20 @@ class EWC:
         params: the parameters to protect (default: all with ``requires_grad`` at construction).
             They are remembered by name, so :meth:`penalty` always uses the model's current
             tensors.
+        distributed: what a rank keeps of a ``"full"`` / ``"block_diag"`` Fisher under
+            ``torch.distributed`` (no effect on one process or for other structures, whose
+            small factors are all-reduced and replicated). ``"gather"`` (default): every
+            rank's Woodbury columns are copied to every rank, and :meth:`penalty` is the full
+            penalty on each. ``"shard"``: rank ``r`` keeps only its own columns ``U_r`` of the
+            union Fisher ``F = Σ_r U_r U_rᵀ`` (memory per rank shrinks with the number of
+            ranks ``W``), and :meth:`penalty` is this rank's **DDP share**; its gradient,
+            averaged over the ranks by ``DistributedDataParallel``, is the full penalty's
+            gradient, and :meth:`penalty_value` (a collective) gives the full value.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: bad ``strength``, ``kind``, ``structure``, ``likelihood``, ``decay`` or
-            ``params``.
+        ValueError: bad ``strength``, ``kind``, ``structure``, ``likelihood``, ``decay``,
+            ``params`` or ``distributed``.
     """
 
     def __init__(
@@ -72,9 +86,15 @@ class EWC:
         generator: torch.Generator | None = None,
         decay: float | None = None,
         params: Sequence[nn.Parameter] | None = None,
+        distributed: Distributed = "gather",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"EWC needs an nn.Module, got {type(model).__name__}")
+        if distributed not in DISTRIBUTED_MODES:
+            raise ValueError(f"EWC: distributed must be one of {list(DISTRIBUTED_MODES)} "
+                             f"('gather': every rank holds all Woodbury columns; 'shard': each "
+                             f"rank its own), got {distributed!r}")
+        self.distributed = distributed
         self.model = model
         self.strength = strength
         _check_config(kind, likelihood, structure, mc_samples, decay)
@@ -126,7 +146,9 @@ class EWC:
             inputs: the consolidation batch ``(N, ...)`` (tensor, tuple or dict as in
                 :func:`curvkit.fisher`), or an iterable of batches (a ``DataLoader``): then
                 ``F_t`` is the Fisher of the union of all batches (all ``N`` data; with
-                ``torch.distributed`` the union of every rank's shard).
+                ``torch.distributed`` the union of every rank's shard; with
+                ``distributed="shard"`` this rank keeps only its own Woodbury columns, and
+                every rank must call ``consolidate`` together).
             targets: data labels (needed for ``kind="empirical"``); with an iterable, in its
                 batches.
             likelihood: overrides the likelihood given at construction.
@@ -149,7 +171,8 @@ class EWC:
             raise FloatingPointError("EWC.consolidate: inputs have non-finite values (nan/inf)")
         F = fisher(self.model, inputs, targets, likelihood=likelihood, kind=self.kind,
                    structure=self.structure, mc_samples=self.mc_samples, generator=self.generator,
-                   params=params, progress=progress, distributed_columns="gather")
+                   params=params, progress=progress,
+                   distributed_columns="shard" if self.distributed == "shard" else "gather")
         self.layout.adopt(F.layers, "consolidate")
         term = term_of(F)
         with torch.no_grad():
@@ -181,12 +204,23 @@ class EWC:
         For ``decay=γ`` the sum is over the stored Fishers with weights ``γ^{age}`` and the one
         latest anchor. Its autograd gradient is ``κ Σ_t F_t (θ − θ*_t)``.
 
+        With ``distributed="shard"`` in a ``W``-process group, a sharded Fisher
+        ``F_t = Σ_r U_{t,r} U_{t,r}ᵀ`` contributes only this rank's **DDP share**
+        ``W · (κ/2) ‖U_{t,r}ᵀ Δ_t‖²`` (no collective: safe inside a DDP backward), and a
+        replicated one (kfac, foof, diag, primal route) its full ``(κ/2) Δ_tᵀ F_t Δ_t``. Add it
+        to the loss of the ``DistributedDataParallel`` model: DDP averages gradients over the
+        ranks, ``(1/W) Σ_r W κ U_{t,r} U_{t,r}ᵀ Δ_t = κ F_t Δ_t``, exactly the full penalty's
+        gradient. The value returned is this rank's share, not the penalty (the mean of the
+        shares over the ranks is); use :meth:`penalty_value` to log it. If you *sum* gradients
+        over ranks instead of averaging, divide the share by ``W``.
+
         Returns:
             A scalar tensor in the parameters' dtype, attached to the autograd graph.
 
         Raises:
             RuntimeError: no task has been consolidated yet.
-            ValueError: the model changed shape since consolidation.
+            ValueError: the model changed shape since consolidation, or a sharded Fisher is used
+                outside the process group (rank and world size) it was consolidated in.
             TypeError: the parameters' dtype changed since consolidation.
             FloatingPointError: the penalty is not finite (names the non-finite parameter).
         """
@@ -202,12 +236,14 @@ class EWC:
         if dtype != stored:
             raise TypeError(f"EWC: the model's parameters are {dtype} but were {stored} at "
                             "consolidation; cast the model back or re-consolidate")
+        _check_shards(self._terms, "penalty")
         deltas = [[m - m0 for m, m0 in zip(mats, anchor)] for anchor in self._anchors]
         layers = self.layout.layers
         assert layers is not None  # set with the first term
         total = mats[0].new_zeros(())
         for term in self._terms:
-            total = total + term.coef * term.quadratic(deltas[term.anchor], layers)
+            weight = term.coef * (1 if term.shard is None else term.shard[1])  # W · local share
+            total = total + weight * term.quadratic(deltas[term.anchor], layers)
         out = 0.5 * self.strength * total
         if not torch.isfinite(out):
             for n, p in zip(self.param_names, self.layout.current()):
@@ -219,9 +255,34 @@ class EWC:
                 "from the anchor or the strength is too large")
         return out
 
+    def penalty_value(self) -> Tensor:
+        """The full penalty ``(κ/2) Σ_t Δ_tᵀ F_t Δ_t`` for logging (detached), on every rank.
+
+        On one process, or with ``distributed="gather"``, this is ``penalty().detach()``. With
+        ``distributed="shard"`` in a ``W``-process group it is the mean of the ranks' shares
+        (:meth:`penalty`), ``(1/W) Σ_r share_r``, which is the full penalty; it is a
+        **collective** (one all-reduce of a scalar, summed in float64): every rank must call it.
+
+        Returns:
+            A scalar tensor in the parameters' dtype, not attached to the autograd graph.
+
+        Raises:
+            RuntimeError, ValueError, TypeError, FloatingPointError: as :meth:`penalty`.
+        """
+        with torch.no_grad():
+            share = self.penalty().detach()
+        if self.distributed != "shard" or not dd.is_distributed():
+            return share
+        buf = share.reshape(1).to(torch.float64).clone()
+        dd.all_reduce_sum([buf])
+        return (buf[0] / dd.world_size()).to(share.dtype)
+
     # ------------------------------------------------------------------ memory
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes held (see :mod:`curvkit.ewc` for the formula per structure).
+        """Bytes held by this process (see :mod:`curvkit.ewc` for the formula per structure).
+
+        With ``distributed="shard"`` a sharded Fisher counts only this rank's columns
+        (``N_r`` of the ``N`` data).
 
         Returns:
             ``{"curvature": ..., "anchors": ..., "total": ...}``.
@@ -249,6 +310,10 @@ class EWC:
         every kind, so ``torch.load(f)`` with its default ``weights_only=True`` reads it back.
         The generator is not part of the state.
 
+        With ``distributed="shard"`` a sharded Fisher saves only **this rank's** columns (and
+        ``[rank, world size]``): save one file per rank; :meth:`load_state_dict` accepts it only
+        on the same rank of a process group of the same world size.
+
         Returns:
             The state dict.
 
@@ -259,7 +324,7 @@ class EWC:
             "version": _STATE_VERSION,
             "config": {"strength": self.strength, "kind": self.kind, "structure": self.structure,
                        "likelihood": self.likelihood, "mc_samples": self.mc_samples,
-                       "decay": self.decay},
+                       "decay": self.decay, "distributed": self.distributed},
             "param_names": list(self.param_names),
             "layers": self.layout.describe() if self.layout.layers is not None else None,
             "anchors": [list(a) for a in self._anchors],
@@ -277,11 +342,12 @@ class EWC:
             state: a dict from :meth:`state_dict` (e.g. ``torch.load(f)``).
 
         Raises:
-            ValueError: unknown version, another structure, or parameters / layers / anchors
+            ValueError: unknown version, another structure or ``distributed`` mode, a shard
+                state loaded on another rank or world size, or parameters / layers / anchors
                 that do not fit the model.
         """
         version = state.get("version") if isinstance(state, dict) else type(state).__name__
-        if version != _STATE_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise ValueError(f"EWC.load_state_dict: expected a state dict of version "
                              f"{_STATE_VERSION} (from EWC.state_dict()), got {version!r}")
         cfg = state["config"]
@@ -290,10 +356,17 @@ class EWC:
                 f"EWC.load_state_dict: the state holds structure={cfg['structure']!r} Fishers but "
                 f"this EWC has structure={self.structure!r}; construct "
                 f"EWC(model, structure={cfg['structure']!r}) to load it")
+        mode = cfg.get("distributed", "gather")
+        if mode != self.distributed:
+            raise ValueError(
+                f"EWC.load_state_dict: the state was saved with distributed={mode!r} but this EWC "
+                f"has distributed={self.distributed!r}; construct EWC(model, "
+                f"distributed={mode!r}) to load it")
         _check_config(cfg["kind"], cfg["likelihood"], cfg["structure"], cfg["mc_samples"],
                       cfg["decay"])
         layout = ParameterLayout.from_names(self.model, state["param_names"])
         terms = [Term.from_state(d) for d in state["terms"]]
+        _check_shards(terms, "load_state_dict")
         anchors = [list(a) for a in state["anchors"]]
         if state["layers"] is not None:
             layout.rebuild(state["layers"])
@@ -308,7 +381,21 @@ class EWC:
     def __repr__(self) -> str:
         online = "one anchor per task" if self.decay is None else f"online, decay={self.decay}"
         return (f"EWC(strength={self.strength}, kind={self.kind!r}, structure={self.structure!r}, "
-                f"{online}, tasks={self.num_tasks}, memory={self.memory_bytes()} B)")
+                f"{online}, distributed={self.distributed!r}, tasks={self.num_tasks}, "
+                f"memory={self.memory_bytes()} B)")
+
+
+def _check_shards(terms: list[Term], where: str) -> None:
+    """A sharded Fisher is only meaningful on its own rank of a group of its world size."""
+    here = [dd.rank(), dd.world_size()]
+    for i, t in enumerate(terms):
+        if t.shard is not None and list(t.shard) != here:
+            r, w = t.shard
+            raise ValueError(
+                f"EWC.{where}: stored Fisher {i} holds only rank {r}'s Woodbury columns of a "
+                f"{w}-process group (distributed='shard'), but this process is rank {here[0]} of "
+                f"{here[1]}; use it on rank {r} of a {w}-process torch.distributed group (each "
+                "rank loads the state it saved), or consolidate again here")
 
 
 def _check_config(kind: Any, likelihood: Any, structure: Any, mc_samples: Any, decay: Any) -> None:

@@ -16,6 +16,12 @@ kept in one of four forms, each made only of plain tensors so that a state dict 
   layer-space operator, ``Δᵀ F Δ = Δ · (F Δ)``, saved by :func:`curvkit.linalg.state.operator_state`.
 * ``"diagonal"`` (``"diag"``): ``diag F``.
 
+A ``"columns"`` term may be a **shard** (``EWC(distributed="shard")`` under ``torch.distributed``):
+rank ``r`` of ``W`` keeps only its own columns ``U_r`` of the union Fisher ``F = Σ_r U_r U_rᵀ``
+(errors already scaled by ``1/√N`` of the union ``N``), and :meth:`Term.quadratic` returns the
+local ``‖U_rᵀ Δ‖²`` (``"full"``; ``Σ_l ‖U_{r,l}ᵀ Δ_l‖²`` for ``"block_diag"``) with no
+collective; ``shard = [r, W]`` records where the columns belong.
+
 An operator that linalg cannot save (a user's own :class:`~curvkit.linalg.LinearOperator`
 subclass) has a penalty but no state dict.
 """
@@ -29,8 +35,16 @@ import torch
 from torch import Tensor
 
 from curvkit.curvature import Curvature
+from curvkit.curvature import distributed as dd
 from curvkit.curvature.streaming import LayerAdapter
-from curvkit.linalg import LinearOperator, LowRankFactor
+from curvkit.linalg import (
+    BlockDiagonal,
+    LinearOperator,
+    LowRankFactor,
+    OuterProductFactor,
+    StackedFactor,
+    Woodbury,
+)
 from curvkit.linalg.state import operator_from_state, operator_state
 
 __all__ = ["Term", "term_of", "FORMS", "STATE_STRUCTURES"]
@@ -54,6 +68,8 @@ class Term:
         tensors: the form's tensors: ``"a"``, ``"e"`` (per layer); ``"diagonal"``.
         num_data: ``N``, the number of data of the Fisher.
         operator: the layer-space operator of an ``"operator"`` term.
+        shard: ``[r, W]`` for a ``"columns"`` term holding only rank ``r``'s columns of a
+            ``W``-process union (``EWC(distributed="shard")``); ``None``: all columns.
     """
 
     coef: float
@@ -63,6 +79,7 @@ class Term:
     tensors: dict[str, Any] = field(default_factory=dict)
     num_data: int = 0
     operator: LinearOperator | None = None
+    shard: list[int] | None = None
     _cache: list | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ reading Δᵀ F Δ
@@ -120,6 +137,7 @@ class Term:
         """
         out = {"coef": self.coef, "anchor": self.anchor, "form": self.form,
                "stacked": self.stacked, "num_data": self.num_data,
+               "shard": None if self.shard is None else list(self.shard),
                "tensors": {k: (list(v) if isinstance(v, list) else v)
                            for k, v in self.tensors.items()}}
         if self.operator is not None:
@@ -143,10 +161,11 @@ class Term:
         Returns:
             The term.
         """
-        op = d.get("operator")
+        op, shard = d.get("operator"), d.get("shard")
         return cls(float(d["coef"]), int(d["anchor"]), str(d["form"]), bool(d["stacked"]),
                    {k: (list(v) if isinstance(v, list) else v) for k, v in d["tensors"].items()},
-                   int(d["num_data"]), None if op is None else operator_from_state(op))
+                   int(d["num_data"]), None if op is None else operator_from_state(op),
+                   None if shard is None else [int(x) for x in shard])
 
 
 def _finite(ts, what: str) -> None:
@@ -166,25 +185,50 @@ def term_of(F: Curvature) -> Term:
         F: the Curvature of one consolidation (any structure).
 
     Returns:
-        A :class:`Term` with ``coef = 1`` and ``anchor = 0``.
+        A :class:`Term` with ``coef = 1`` and ``anchor = 0``; a shard (``shard = [r, W]``, this
+        rank's columns only) when ``F``'s Woodbury columns are held by their ranks
+        (``curvkit.fisher(..., distributed_columns="shard")``).
 
     Raises:
         FloatingPointError: the Fisher has non-finite entries (names the layer).
     """
     s, N = F.structure, F.num_data
-    if s in ("full", "block_diag") and F.captured is not None:
+    op = F.operator
+    local = _local_columns(op) if s in ("full", "block_diag") and F.captured is None else None
+    if s in ("full", "block_diag") and (F.captured is not None or local is not None):
+        pairs = (zip(F.captured.a, F.captured.e) if F.captured is not None
+                 else ((f.a, f.e) for f in local or []))
         a, e = [], []
-        for layer, ai, ei in zip(F.layers, F.captured.a, F.captured.e):
+        for layer, (ai, ei) in zip(F.layers, pairs):
             _finite((ai, ei), f"factors at layer {layer.describe()}")
             a.append(_own(ai))
             e.append(_own(ei))
-        return Term(1.0, 0, "columns", s == "full", {"a": a, "e": e}, N)
-    op = F.operator
+        shard = None if local is None else [dd.rank(), dd.world_size()]
+        return Term(1.0, 0, "columns", s == "full", {"a": a, "e": e}, N, shard=shard)
     if s == "diag":
         d = _own(op.diagonal())
         _finite((d,), "diagonal (non-finite entries)")
         return Term(1.0, 0, "diagonal", False, {"diagonal": d}, N)
     return Term(1.0, 0, "operator", False, {}, N, operator=op)
+
+
+def _local_columns(op: LinearOperator) -> list[OuterProductFactor] | None:
+    """This rank's per-layer columns ``U_{r,l}`` of a Woodbury whose columns are sharded, or None.
+
+    ``"full"``: ``Woodbury(ShardedFactor(StackedFactor(U_{r,l} …)))``; ``"block_diag"``:
+    ``BlockDiagonal(Woodbury(ShardedFactor(U_{r,l})) …)`` (:mod:`curvkit.curvature.data`).
+    """
+    if isinstance(op, Woodbury) and isinstance(op.factor, dd.ShardedFactor):
+        local = op.factor.local
+        blocks = list(local.blocks) if isinstance(local, StackedFactor) else [local]
+    elif isinstance(op, BlockDiagonal) and all(
+            isinstance(b, Woodbury) and isinstance(b.factor, dd.ShardedFactor) for b in op.blocks):
+        blocks = [b.factor.local for b in op.blocks]  # type: ignore[attr-defined]
+    else:
+        return None
+    if not all(isinstance(b, OuterProductFactor) for b in blocks):
+        return None
+    return blocks  # type: ignore[return-value]
 
 
 def _nbytes(t: Tensor) -> int:
