@@ -127,6 +127,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                         rf"Woodbury columns of a 2-process group \(distributed='shard'\), but this "
                         rf"process is rank {rank} of 2; use it on rank {1 - rank} of a 2-process")):
                     same.load_state_dict(other)
+                # a non-finite share on one rank: every rank still joins the collective and raises
+                if rank == 0:
+                    with torch.no_grad():
+                        model[0].weight[0, 0] = float("inf")
+                msg = (r"EWC.penalty: parameter '0.weight' has non-finite values" if rank == 0 else
+                       r"EWC.penalty_value: the penalty share of another rank is not finite")
+                with pytest.raises(FloatingPointError, match=msg):
+                    same.penalty_value()
                 assert lo < hi
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another still communicates

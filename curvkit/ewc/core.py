@@ -269,12 +269,24 @@ class EWC:
         Raises:
             RuntimeError, ValueError, TypeError, FloatingPointError: as :meth:`penalty`.
         """
-        with torch.no_grad():
-            share = self.penalty().detach()
         if self.distributed != "shard" or not dd.is_distributed():
-            return share
-        buf = share.reshape(1).to(torch.float64).clone()
+            with torch.no_grad():
+                return self.penalty().detach()
+        failed: FloatingPointError | None = None
+        try:
+            with torch.no_grad():
+                share = self.penalty().detach()
+            buf = share.reshape(1).to(torch.float64).clone()
+        except FloatingPointError as err:  # still join the collective, then raise on every rank
+            ref = self._anchors[0][0]
+            failed, share = err, ref.new_zeros(())
+            buf = torch.full((1,), math.nan, dtype=torch.float64, device=ref.device)
         dd.all_reduce_sum([buf])
+        if failed is not None:
+            raise failed
+        if not torch.isfinite(buf).all():
+            raise FloatingPointError("EWC.penalty_value: the penalty share of another rank is "
+                                     "not finite (that rank raised the reason)")
         return (buf[0] / dd.world_size()).to(share.dtype)
 
     # ------------------------------------------------------------------ memory
