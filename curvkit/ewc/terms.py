@@ -191,6 +191,7 @@ def term_of(F: Curvature) -> Term:
 
     Raises:
         FloatingPointError: the Fisher has non-finite entries (names the layer).
+        TypeError: sharded columns that are not per-layer outer-product factors.
     """
     s, N = F.structure, F.num_data
     op = F.operator
@@ -227,7 +228,8 @@ def _local_columns(op: LinearOperator) -> list[OuterProductFactor] | None:
     else:
         return None
     if not all(isinstance(b, OuterProductFactor) for b in blocks):
-        return None
+        raise TypeError("EWC(distributed='shard') needs per-layer OuterProductFactor columns; got "
+                        f"{[type(b).__name__ for b in blocks]}; use distributed='gather'")
     return blocks  # type: ignore[return-value]
 
 
