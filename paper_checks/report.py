@@ -171,7 +171,8 @@ def _provenance(results: list[dict[str, Any]]) -> list[str]:
            "| check | command | commit | finished (UTC) | wall time |", "|---|---|---|---|---|"]
     for r in results:
         env = r.get("environment", {})
-        out.append(f"| {r['name']} | `{r.get('command') or '-'}` | {env.get('commit', 'not recorded')} | "
+        cmd = (r.get("command") or "-").split(" --notes ")[0]  # the notes are in the run notes
+        out.append(f"| {r['name']} | `{cmd}` | {env.get('commit', 'not recorded')} | "
                    f"{env.get('finished_utc', 'not recorded')} | {r.get('seconds', 0.0) / 60:.1f} min |")
     return out + [""]
 
