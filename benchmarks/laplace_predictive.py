@@ -14,15 +14,17 @@ taken within a round and reported as median and min over rounds, so machine load
   ``prior_precision=1``) against laplace-torch ``KronLaplace`` / ``DiagLaplace`` (its default GGN
   backend, ``prior_precision=1``, fitted with DataLoader batches of 100: batch 1000 peaks at
   17 GB for DiagLaplace) on the same model and data, ``la(x_test, pred_type="glm",
-  link_approx="probit")``. Each process times ``--reps`` calls after one warm-up call and reports
-  their median; the maximum absolute difference of the predictive probabilities between the two
-  libraries is printed as a check that both compute the same thing.
+  link_approx="probit")``. One process per structure fits both posteriors, makes one warm-up
+  call of each, then ``--rounds`` rounds of one call each (curvkit first in even rounds,
+  laplace-torch first in odd ones); per-round ratios, median and min. The maximum absolute
+  difference of the two libraries' predictive probabilities is reported as a check that both
+  compute the same thing.
 
 Usage::
 
     python benchmarks/laplace_predictive.py --part ratio --rounds 3
     python benchmarks/laplace_predictive.py --part peer --rounds 5
-    python benchmarks/laplace_predictive.py --part peer --rounds 1 --reps 2   # smoke
+    python benchmarks/laplace_predictive.py --part peer --rounds 1   # smoke
 
 JSON goes to ``benchmarks/results/laplace_predictive_<part>.json`` (``--out``). Not a test.
 """
@@ -75,8 +77,47 @@ def _data(config: str):
     return bl, model, x, y, xt
 
 
-def worker(spec: dict) -> dict:
+def peer_worker(spec: dict) -> dict:
+    """Both libraries in one process, predictive calls interleaved.
+
+    Fits each once, makes one warm-up call each, then ``rounds`` rounds of one call each
+    (curvkit first in even rounds, laplace-torch first in odd ones).
+    """
     import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from curvkit.laplace import LaplacePosterior
+
+    torch.manual_seed(0)
+    bl, model, x, y, xt = _data(spec["config"])
+    laplace = bl._import_laplace_torch()
+    post = LaplacePosterior(model, x, y, structure=spec["structure"], kind=spec["kind"],
+                            prior_precision=1.0, progress=False)
+    cls = {"kfac": laplace.KronLaplace, "diag": laplace.DiagLaplace}[spec["structure"]]
+    la = cls(model, "classification", prior_precision=1.0)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=100))  # batch 1000: 17 GB (diag)
+    calls = {"curvkit": lambda: post(xt, pred_type="glm", link_approx="probit"),
+             "laplace_torch": lambda: la(xt, pred_type="glm", link_approx="probit")}
+    probs = {k: f() for k, f in calls.items()}  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for r in range(spec["rounds"]):
+        for k in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            t0 = time.perf_counter()
+            calls[k]()
+            times[k].append(time.perf_counter() - t0)
+    ratios = [a / b for a, b in zip(times["curvkit"], times["laplace_torch"])]
+    return {**spec, "P": sum(p.numel() for p in model.parameters()), "times": times,
+            "ratios": ratios, "max_abs_diff_probs": float((probs["curvkit"].double()
+                                                           - probs["laplace_torch"].double()).abs().max()),
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+
+
+def worker(spec: dict) -> dict:
+    """One measurement (fit, then timed predictive calls) in this process."""
+    import torch
+
+    if spec["library"] == "both":
+        return peer_worker(spec)
 
     torch.manual_seed(0)
     bl, model, x, y, xt = _data(spec["config"])
@@ -118,6 +159,7 @@ def worker(spec: dict) -> dict:
 
 
 def run_one(spec: dict, timeout: float) -> dict:
+    """:func:`worker` in a fresh subprocess."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -134,6 +176,7 @@ def _stats(vals: list[float]) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line entry point (see the module doc)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=list(PARTS), required=False, default="peer")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (≥ 3)")
@@ -157,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         contenders = [{**base, "library": lib, "structure": s}
                       for s in structures for lib in ("curvkit", "laplace_torch")]
+    if args.part == "peer":
+        return main_peer(args, base, structures, argv)
     rounds: list[list[dict]] = []
     for r in range(args.rounds):
         order = contenders if r % 2 == 0 else contenders[::-1]
@@ -207,6 +252,34 @@ def main(argv: list[str] | None = None) -> int:
         for m in rnd:
             m.pop("probs_head", None)
     path.write_text(json.dumps({"meta": meta, "summary": summary, "rounds": rounds}, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def main_peer(args, base: dict, structures: list[str], argv) -> int:
+    """One process per structure (both libraries, interleaved calls; :func:`peer_worker`)."""
+    rows, summary = [], {}
+    for s in structures:
+        m = run_one({**base, "library": "both", "structure": s, "rounds": args.rounds}, args.timeout)
+        rows.append(m)
+        if "error" in m:
+            summary[s] = m["error"]
+        else:
+            summary[s] = {"curvkit / laplace-torch predictive": _stats(m["ratios"]),
+                          "curvkit predictive_s": _stats(m["times"]["curvkit"]),
+                          "laplace-torch predictive_s": _stats(m["times"]["laplace_torch"]),
+                          "max |Δ probs|": m["max_abs_diff_probs"]}
+        print(s, json.dumps(summary[s]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"N_fit": N_FIT, "N_test": N_TEST, "rounds": args.rounds, "cpus": os.cpu_count(),
+            "load_avg": os.getloadavg(),
+            "note": "shared machine (2 cores, several engineers running tests at the same time); "
+                    "both libraries in one process, calls interleaved A B / B A per round",
+            "command": "python benchmarks/laplace_predictive.py "
+                       + " ".join(argv if argv is not None else sys.argv[1:])}
+    path = out / "laplace_predictive_peer.json"
+    path.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2))
     print(f"wrote {path}")
     return 0
 
