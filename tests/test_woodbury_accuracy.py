@@ -163,6 +163,10 @@ def test_float64_accumulated_products_match_dense():
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, ref.float(), rtol=0, atol=0)
         torch.testing.assert_close(fac.sub_matmat64(X.T.contiguous().T, W, 7.0), ref.float(), rtol=0, atol=0)
+        X64 = X.to(f64)  # float64 right-hand sides: the result is fresh, X is left unchanged
+        keep = X64.clone()
+        torch.testing.assert_close(fac.sub_matmat64(X64, W, 7.0), ref, rtol=1e-13, atol=1e-13)
+        assert torch.equal(X64, keep)
 
 
 def test_benchmark_smoke(tmp_path):

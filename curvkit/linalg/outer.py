@@ -33,6 +33,8 @@ from curvkit.linalg.memory import check_memory
 
 #: Entries of the float64 row-chunk buffer of the float64-accumulated products (2 MB).
 CHUNK64 = 2**18
+#: Entries of the float64 buffer when several right-hand sides share one batched GEMM (32 MB).
+BATCH64 = 2**22
 
 
 def colmajor(X: Tensor) -> Tensor:
@@ -236,6 +238,14 @@ class OuterProductFactor(LowRankFactor):
         a, e = f.a[:, 0, :], f.e[:, 0, :].reshape(self.N, self.R, o)
         Ew = torch.einsum("nrk,nro->kon", W.reshape(self.N, self.R, k), e)  # (k, o, N)
         Xv, Ov = X.T.reshape(k, o, d), out.T.reshape(k, o, d)  # views (split of one dimension)
+        if o * d <= BATCH64:  # small blocks: several right-hand sides per batched GEMM
+            kk = max(1, BATCH64 // (o * d))
+            for j in range(0, k, kk):
+                jj = min(kk, k - j)
+                Y = Xv[j:j + jj].to(torch.float64, copy=True)  # never the caller's X
+                Y.baddbmm_(Ew[j:j + jj], a.expand(jj, -1, -1), beta=scale, alpha=-scale)
+                Ov[j:j + jj].copy_(Y)
+            return out
         rows = max(1, CHUNK64 // d)
         buf = torch.empty(min(rows, o), d, dtype=torch.float64, device=self.device)
         for j in range(k):

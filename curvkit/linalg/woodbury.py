@@ -117,7 +117,9 @@ class Woodbury(LinearOperator):
             K = self.factor.gram64()
             if not torch.isfinite(K).all():
                 raise FloatingPointError(f"{self.name}: the Gram matrix has non-finite entries")
-            self._gram = 0.5 * (K + K.T)
+            # symmetric to float64 round-off by construction; the Cholesky and eigvalsh read only
+            # its lower triangle, so no (K + Kᵀ)/2 pass over the M×M matrix (strided, memory-bound)
+            self._gram = K
         return self._gram
 
     def dense64(self) -> Tensor:
