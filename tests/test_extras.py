@@ -26,6 +26,7 @@ IMPORT_NAME = {
     "scipy": "scipy",
     "numpy": "numpy",
     "tqdm": "tqdm",
+    "typing-extensions": "typing_extensions",
     "pytest": "pytest",
     "ruff": "ruff",
     "mypy": "mypy",

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from curvkit.linalg.cholesky import damped_cholesky
 from curvkit.linalg.operator import Damping, LinearOperator, SingularError
@@ -70,8 +71,11 @@ def pi_damping(A: Tensor, B: Tensor | None, damping: float) -> tuple[float, floa
 
 
 def factorisation_dtype(S: Tensor, damping: float) -> torch.dtype:
-    """The dtype ``S + λI`` is factorised in: float32 iff ``S`` is float32 and
-    ``1 + tr(S)/λ ≤`` :data:`FLOAT32_MAX_COND` (a bound on its condition number), else float64."""
+    """The dtype ``S + λI`` is factorised in: float32 or float64.
+
+    float32 iff ``S`` is float32 and ``1 + tr(S)/λ ≤`` :data:`FLOAT32_MAX_COND` (a bound on its
+    condition number), else float64.
+    """
     if S.dtype != torch.float32 or not damping > 0:
         return torch.float64
     tr = float(S.diagonal().sum())
@@ -81,8 +85,9 @@ def factorisation_dtype(S: Tensor, damping: float) -> torch.dtype:
 
 def damped_inverse(S: Tensor, damping: float, *, name: str = "factor",
                    dtype: torch.dtype | None = None, allow_float32: bool = False) -> Tensor:
-    """``(S + λI)⁻¹`` for a symmetric PSD ``S``: ``cholesky_inverse`` of one Cholesky factor,
-    in float64 (eigh fallback), or, with ``allow_float32``, in :func:`factorisation_dtype`
+    """``(S + λI)⁻¹`` for a symmetric PSD ``S``: ``cholesky_inverse`` of one Cholesky factor.
+
+    In float64 (eigh fallback), or, with ``allow_float32``, in :func:`factorisation_dtype`
     (float32 when that is safe and succeeds; see the module doc).
 
     Args:
@@ -114,8 +119,10 @@ def _warn_once(name: str, message: str) -> None:
 
 
 def _sym_eigh(S: Tensor, name: str = "factor") -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of the symmetrised ``S`` in float64 (eigenvalues clamped at 0), with the
-    fallbacks of the module doc when LAPACK does not converge."""
+    """Eigendecomposition of the symmetrised ``S`` in float64 (eigenvalues clamped at 0).
+
+    With the fallbacks of the module doc when LAPACK does not converge.
+    """
     S = S.to(torch.float64)
     S = 0.5 * (S + S.T)
     try:
@@ -139,8 +146,9 @@ def _sym_eigh(S: Tensor, name: str = "factor") -> tuple[Tensor, Tensor]:
 
 
 class KroneckerInverse:
-    """The factorised damped inverse of ``B ⊗ A``, applied as ``V ↦ inverse(vec_r V)`` in matrix
-    form (see the module doc for both damping modes).
+    """The factorised damped inverse of ``B ⊗ A``, applied as ``V ↦ inverse(vec_r V)``.
+
+    In matrix form (see the module doc for both damping modes).
 
     ``mode="heuristic"`` holds ``A_inv = (A + λ_A I)⁻¹`` and ``B_inv = (B + λ_B I)⁻¹`` (``None`` for
     ``B = I``) with the damping fixed; ``mode="exact"`` holds the eigendecompositions
@@ -170,9 +178,17 @@ class KroneckerInverse:
         """Whether the damping was fixed at factorisation time."""
         return self.tensors["A_inv"] is not None
 
+    def _held(self, key: str) -> Tensor:
+        """The held tensor ``key`` (one of :attr:`_TENSORS` present in this mode)."""
+        if (t := self.tensors[key]) is None:
+            raise ValueError(f"this {self.mode} KroneckerInverse holds no {key}")
+        return t
+
     def solve_matrix(self, V: Tensor, damping: float | None = None) -> Tensor:
-        """The damped inverse applied to ``V`` of shape ``(..., d_out, d_in)``, computed in
-        ``V``'s dtype and device (the held tensors are cast to them; a no-op when they match).
+        """The damped inverse applied to ``V`` of shape ``(..., d_out, d_in)``.
+
+        Computed in ``V``'s dtype and device (the held tensors are cast to them; a no-op when
+        they match).
 
         Args:
             V: the matrices.
@@ -188,10 +204,11 @@ class KroneckerInverse:
             if lam != self.damping:
                 raise ValueError(f"this inverse was factorised for damping {self.damping}, not {lam}; "
                                  "factorize again")
-            out = V @ t["A_inv"].to(V)
-            return out if t["B_inv"] is None else t["B_inv"].to(V) @ out
-        UA, UB = t["U_A"].to(V), t["U_B"].to(V)
-        denom = t["s_B"].to(V)[:, None] * t["s_A"].to(V)[None, :] + lam
+            out = V @ self._held("A_inv").to(V)
+            B_inv = t["B_inv"]
+            return out if B_inv is None else B_inv.to(V) @ out
+        UA, UB = self._held("U_A").to(V), self._held("U_B").to(V)
+        denom = self._held("s_B").to(V)[:, None] * self._held("s_A").to(V)[None, :] + lam
         if (denom <= 0).any():
             raise SingularError(f"B ⊗ A + {lam}·I is singular; pass damping > 0")
         return UB @ ((UB.T @ V @ UA) / denom) @ UA.T
@@ -200,11 +217,11 @@ class KroneckerInverse:
         """``(A + λ_A I)⁻¹`` with the π-rule ``λ_A`` (App. D.9: KFAC without its second factor)."""
         t = self.tensors
         if self.mode == "heuristic":
-            return t["A_inv"]
+            return self._held("A_inv")
         if t["U_A"] is None:
             raise ValueError("input_inverse needs the eigendecomposition or the heuristic mode")
-        UA = t["U_A"]
-        return (UA / (t["s_A"] + self.lambda_A)) @ UA.T
+        UA = self._held("U_A")
+        return (UA / (self._held("s_A") + self.lambda_A)) @ UA.T
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
            ) -> KroneckerInverse:
@@ -214,8 +231,7 @@ class KroneckerInverse:
         return KroneckerInverse(self.mode, self.damping, self.lambda_A, self.lambda_B, **cast)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain tensors, numbers and a bool (no strings: ``torch.optim`` state loading would
-        iterate them)."""
+        """Plain tensors, numbers and a bool (no strings: ``torch.optim`` loading iterates them)."""
         return {"heuristic": self.mode == "heuristic", "damping": self.damping,
                 "lambda_A": self.lambda_A, "lambda_B": self.lambda_B, **self.tensors}
 
@@ -249,7 +265,7 @@ class Kronecker(LinearOperator):
                 raise FloatingPointError(f"{name or 'Kronecker'}: factor {nm} has non-finite entries")
         self.A, self.B = A, B
         self.d_in = A.shape[0]
-        self.d_out = B.shape[0] if B is not None else int(d_out)
+        self.d_out = B.shape[0] if B is not None else int(cast(int, d_out))  # checked above
         super().__init__(self.d_out * self.d_in, A.dtype, A.device, name=name or "Kronecker")
         self._eig: tuple | None = None
         self._heur: dict[tuple, tuple[Tensor | None, Tensor]] = {}
@@ -263,7 +279,7 @@ class Kronecker(LinearOperator):
             self._eig = (sA, UA, sB, UB)
         return self._eig
 
-    def factorize(self, damping: float, damping_mode: str = "exact",
+    def factorize(self, damping: float, damping_mode: str = "exact",  # type: ignore[override]  # own object
                   dtype: torch.dtype | None = None, allow_float32: bool = False) -> KroneckerInverse:
         """The factorised damped inverse (module doc), its tensors in ``dtype`` (default float64).
 
@@ -290,6 +306,8 @@ class Kronecker(LinearOperator):
                                               allow_float32=allow_float32)
             return KroneckerInverse(damping_mode, damping, lam_a, lam_b, A_inv=Ai, B_inv=Bi)
         sA, UA, sB, UB = self.eig()
+        if sB is None or UB is None:  # B is not None here
+            raise RuntimeError(f"{self.name}: the eigendecomposition of B is missing")
         return KroneckerInverse("exact", damping, lam_a, lam_b, s_A=sA.to(dt), U_A=UA.to(dt),
                                 s_B=sB.to(dt), U_B=UB.to(dt))
 
@@ -299,15 +317,17 @@ class Kronecker(LinearOperator):
 
     def heuristic_inverses(self, damping: float, dtype: torch.dtype = torch.float64,
                            allow_float32: bool = False) -> tuple[Tensor | None, Tensor]:
-        """``((B + λ_B I)⁻¹, (A + λ_A I)⁻¹)`` in ``dtype`` (first is ``None`` for ``B = I``);
-        :func:`damped_inverse` each, cached per ``(λ, dtype, allow_float32)``."""
+        """``((B + λ_B I)⁻¹, (A + λ_A I)⁻¹)`` in ``dtype`` (first is ``None`` for ``B = I``).
+
+        :func:`damped_inverse` each, cached per ``(λ, dtype, allow_float32)``.
+        """
         key = (damping, dtype, allow_float32)
         if key not in self._heur:
             lam_a, lam_b = self.damping_split(damping)
-            kw = dict(dtype=dtype, allow_float32=allow_float32)
-            Ai = damped_inverse(self.A, lam_a, name=f"{self.name}.A", **kw)
-            Bi = damped_inverse(self.B, lam_b, name=f"{self.name}.B", **kw) \
-                if self.B is not None else None
+            Ai = damped_inverse(self.A, lam_a, name=f"{self.name}.A", dtype=dtype,
+                                allow_float32=allow_float32)
+            Bi = damped_inverse(self.B, lam_b, name=f"{self.name}.B", dtype=dtype,
+                                allow_float32=allow_float32) if self.B is not None else None
             if len(self._heur) > 4:
                 self._heur.clear()
             self._heur[key] = (Bi, Ai)
@@ -341,7 +361,7 @@ class Kronecker(LinearOperator):
         if damping_mode != "exact":
             raise ValueError(f"unknown damping_mode {damping_mode!r}; valid: {list(self.damping_modes)}")
         sA, UA, sB, UB = self.eig()
-        if UB is None:
+        if UB is None or sB is None:  # both None exactly for B = I
             denom = sA + damping
             if (denom <= 0).any():
                 raise SingularError(f"{self.name} + {damping}·I is singular; pass damping > 0")
@@ -386,11 +406,13 @@ class Kronecker(LinearOperator):
             raise SingularError(f"{self.name} + {damping}·I is singular; pass damping > 0")
         return vals.log().sum()
 
+    @override
     def diagonal(self) -> Tensor:
         dB = self.B.diagonal() if self.B is not None else torch.ones(
             self.d_out, dtype=self.dtype, device=self.device)
         return torch.outer(dB, self.A.diagonal()).reshape(-1)
 
+    @override
     def to_dense(self) -> Tensor:
         self._check_dense_memory()
         B = self.B if self.B is not None else torch.eye(self.d_out, dtype=self.dtype, device=self.device)
@@ -403,7 +425,7 @@ class Kronecker(LinearOperator):
     def _eigenbasis(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(U_A, U_B, s_B s_Aᵀ)`` in float64 (``U_B = I``, ``s_B = 1`` for an identity ``B``)."""
         sA, UA, sB, UB = self.eig()
-        if sB is None:
+        if sB is None or UB is None:  # both None exactly for B = I
             sB = torch.ones(self.d_out, dtype=torch.float64, device=sA.device)
             UB = torch.eye(self.d_out, dtype=torch.float64, device=sA.device)
         return UA, UB, sB[:, None] * sA[None, :]
@@ -444,8 +466,9 @@ class Kronecker(LinearOperator):
         return ((UB**2) @ (1.0 / lam) @ (UA**2).T).reshape(-1)
 
     def _inverse_quad_blocks(self, J, R: int, damping: Damping) -> Tensor:
-        """``Jᵀ (B ⊗ A + δI)⁻¹ J`` blocks in the eigenbasis: ``Σ_{ij} H_{m,ij} H_{m',ij} / λ_ij`` with
-        ``H_m = U_Bᵀ G_m U_A``, ``λ_ij = s_B,i s_A,j + δ`` (scalar ``δ`` only).
+        """``Jᵀ (B ⊗ A + δI)⁻¹ J`` blocks in the eigenbasis (scalar ``δ`` only).
+
+        ``Σ_{ij} H_{m,ij} H_{m',ij} / λ_ij`` with ``H_m = U_Bᵀ G_m U_A``, ``λ_ij = s_B,i s_A,j + δ``.
 
         A layer factor (column ``G_m = Σ_t e_{mt} a_{nt}ᵀ``) is rotated, ``ã = a U_A``,
         ``ẽ = e U_B``, and :meth:`~curvkit.linalg.OuterProductFactor.weighted_block_grams64` with
