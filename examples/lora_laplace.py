@@ -28,7 +28,6 @@ Run: ``python examples/lora_laplace.py [--quick] [--no-progress]``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import threading
@@ -39,7 +38,6 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import curvkit  # noqa: E402
 from curvkit.table import format_table  # noqa: E402
 
 
