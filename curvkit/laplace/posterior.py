@@ -188,10 +188,9 @@ class LaplacePosterior:
             return reroute(op)
         if self.structure not in LOWRANK_STRUCTURES:
             return op
-        applicable = (cap.likelihood == "classification" and cap.kind == "exact"
-                      and cap.outputs.dim() == 2 and cap.outputs.shape[1] >= 2)
-        reduce = self.reduce_rank is True or (self.reduce_rank == "auto" and applicable)
-        return lowrank_operator(cap, self.layers, self.structure, route, reduce_rank=reduce)
+        # "auto" / True / False: the build option decides where the reduction applies (and
+        # refuses True where it does not)
+        return lowrank_operator(cap, self.layers, self.structure, route, reduce_rank=self.reduce_rank)
 
     def _woodbury_blocks(self) -> list[Woodbury]:
         op = getattr(self.precision, "a", self.precision)  # F inside the scaled operator n·F
