@@ -20,7 +20,16 @@ from pathlib import Path
 import torch
 
 from paper_checks import CHECKS, load
-from paper_checks.harness import NOT_RUN, PKG_DIR, REPO_ROOT, CheckResult, Config, Harness, write_json
+from paper_checks.harness import (
+    NOT_RUN,
+    PKG_DIR,
+    REPO_ROOT,
+    CheckResult,
+    Config,
+    Harness,
+    git_commit,
+    write_json,
+)
 from paper_checks.report import missing_requirements, write_report
 
 
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                  screen=2, cap=args.cap if args.cap is not None else
                  (2 if level == "full" else 1))
     torch.set_num_threads(1)
+    git_commit()  # fix the recorded commit at the start of the invocation
     names = args.only or list(CHECKS)
     results: list[CheckResult] = []
     failed = False

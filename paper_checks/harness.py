@@ -17,6 +17,7 @@ columns like the paper, so its values carry over.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -374,9 +375,13 @@ def environment() -> dict[str, Any]:
             "commit": git_commit(), "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
 
 
+@functools.cache
 def git_commit() -> str:
     """``git rev-parse --short HEAD`` of the repository (``+dirty`` if curvkit/ or paper_checks/
-    have uncommitted changes; committed results/figures/REPORT.md do not count), or ``unknown``."""
+    have uncommitted changes; committed results/figures/REPORT.md do not count), or ``unknown``.
+
+    Cached: the first call (``python -m paper_checks`` makes it when the invocation starts) fixes the
+    value, so a result records the code it ran on even if the checkout moves during a long run."""
     import subprocess
 
     try:
