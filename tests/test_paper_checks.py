@@ -269,7 +269,8 @@ def test_tiny_training_check_and_report(tmp_path):
     data = json.loads((tmp_path / "fig4b.json").read_text())
     assert data["verdict"] == res.verdict
     methods = data["details"]["methods"]
-    assert {m["label"] for m in methods} >= {"FOOF T=1", "KFAC (EMA 0.95)", "SGD+M"}
+    assert {m["label"] for m in methods} >= {"FOOF T=1", "KFAC (EMA 0.95)", "SGD+M", "FOOF T=10 (own search)"}
+    assert "own search" in data["ours"] and "amortised_own_search_over_t1" in data["details"]
     for m in methods:
         assert len(m["final_losses"]) == 1 and m["grid_table"] and "curve" in m
     text = write_report(tmp_path, tmp_path / "REPORT.md")
@@ -291,3 +292,13 @@ def test_cli_runs_the_toy_check(tmp_path, capsys):
     assert (tmp_path / "appF_toy.json").exists() and (tmp_path / "REPORT.md").exists()
     meta = json.loads((tmp_path / "_run.json").read_text())
     assert meta["checks"] == ["appF_toy"] and meta["level"] == "tiny"
+
+
+def test_fig4b_amortised_verdict_keeps_protocol_and_own_search_apart():
+    from paper_checks.fig4b import CLOSE, SAME, amortised_verdict
+
+    assert amortised_verdict(1.0, 9.0) == HOLDS  # the paper's protocol decides when it holds
+    assert amortised_verdict(SAME * 1.1, 1.0) == PARTLY
+    assert amortised_verdict(float("inf"), 1.5) == PARTLY  # reused point diverged, own search close
+    assert amortised_verdict(float("inf"), CLOSE) == FAILS
+    assert amortised_verdict(CLOSE * 2, SAME * 1.01) == FAILS
