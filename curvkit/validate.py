@@ -46,6 +46,7 @@ from curvkit.curvature import Curvature, fisher
 from curvkit.curvature import structures as registered_structures
 from curvkit.curvature.data import is_single_batch, iter_batches
 from curvkit.curvature.distributed import all_reduce_sum
+from curvkit.curvature.jacobian import num_loss_terms
 from curvkit.curvature.kfac import KroneckerBlockDiagonal, factors_of, input_factor
 from curvkit.curvature.layout import BlockLayout
 from curvkit.curvature.streaming import (
@@ -192,13 +193,14 @@ def _check_args(reference: str, damping: float, structs: tuple[str, ...], likeli
 
 
 def _gradient(model: nn.Module, inputs, targets: Tensor | None, likelihood: str,
-              params: list[nn.Parameter], num_data: int) -> Tensor:
-    """``∇L`` of ``L = (1/N) Σ_n −log p(y_n|x_n)`` over one batch or all batches, flat.
+              params: list[nn.Parameter]) -> Tensor:
+    """``∇L`` of ``L = (1/N_ℓ) Σ −log p(y|x)`` over one batch or all batches, flat.
 
-    With a ``torch.distributed`` group each rank sums over its shard and the sums are
-    all-reduced, so every rank holds the gradient of the union (``N`` counts every rank's data).
+    ``N_ℓ`` counts loss terms as the Fisher does (inputs; for outputs ``(N, …, C)`` the positions
+    whose target is not ``-100``). With a ``torch.distributed`` group each rank sums over its
+    shard and the sums are all-reduced, so every rank holds the gradient of the union.
     """
-    total = None
+    total, terms = None, 0
     for b in iter_batches(inputs, targets, progress=False):
         if b.targets is None:
             raise ValueError("compare needs the data targets to form the gradient ∇L: pass "
@@ -207,7 +209,8 @@ def _gradient(model: nn.Module, inputs, targets: Tensor | None, likelihood: str,
             outputs = forward(model, b.inputs)
             check_outputs(outputs, likelihood)
             check_targets(outputs, b.targets, likelihood)
-            seed = loss_gradient(outputs, b.targets, likelihood) / num_data
+            seed = loss_gradient(outputs, b.targets, likelihood)
+            terms += num_loss_terms(outputs, b.targets, likelihood)
             grads = torch.autograd.grad(outputs, params, grad_outputs=seed.to(outputs.dtype),
                                         allow_unused=True)
         g = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
@@ -215,7 +218,9 @@ def _gradient(model: nn.Module, inputs, targets: Tensor | None, likelihood: str,
         total = g if total is None else total + g
     if total is None:
         raise ValueError("compare got no batch; pass at least one")
-    return all_reduce_sum([total])[0]  # torch.distributed: every rank's shard of the union
+    count = torch.tensor([float(terms)], dtype=total.dtype, device=total.device)
+    total, count = all_reduce_sum([total, count])  # torch.distributed: the union of the shards
+    return total / count
 
 
 def _layer_blocks(F: Curvature, x: Tensor) -> list[Tensor]:
@@ -343,7 +348,7 @@ def compare(
 
     F = build("full", generator)
     P = F.shape[0]
-    grad = _gradient(model, inputs, targets, likelihood, F.params, F.num_data)
+    grad = _gradient(model, inputs, targets, likelihood, F.params)
     if reference == "explicit":
         need = 3 * P * P * 8
         if need > 0.9 * available_memory_bytes(F.device):

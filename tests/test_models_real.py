@@ -175,16 +175,21 @@ def check_fisher(model, batch, targets, params, kinds=("exact", "mc", "empirical
 
 
 def check_laplace(model, batch, targets, params, output_fn=None, num_data=10):
-    """Laplace (full, kfac, diag): evidence of full and diag against the dense formula."""
+    """Laplace (full, kfac, diag): evidence of full and diag against the dense formula.
+
+    Outputs ``(N, C)`` or ``(N, T, V)``: the log-likelihood is that of the non-ignored loss terms,
+    scaled to ``num_data`` of them, as the Fisher's mean per loss term.
+    """
     from curvkit.laplace import LaplacePosterior
 
-    N = targets.shape[0]
-    G = reference_columns(model, batch, params, "exact", None, output_fn)
+    terms = int((targets != -100).sum())  # loss terms: inputs, or non-ignored positions
+    G = reference_columns(model, batch, params, "exact", targets, output_fn)
     theta = torch.cat([p.detach().reshape(-1) for p in params])
     with torch.no_grad():
         out = model(**batch) if isinstance(batch, dict) else model(batch)
         logits = output_fn(out) if output_fn is not None else getattr(out, "logits", out)
-    loglik = torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum() * num_data / N
+    loglik = -nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=-100, reduction="sum") * num_data / terms
     delta = 2.0
     P = theta.numel()
     M = G.shape[1]
@@ -203,7 +208,8 @@ def check_laplace(model, batch, targets, params, output_fn=None, num_data=10):
         s = post.sample(3, generator=torch.Generator().manual_seed(0))
         assert s.shape == (3, P) and torch.isfinite(s).all()
         probs = post.predictive(batch)
-        torch.testing.assert_close(probs.sum(-1), torch.ones(N, dtype=probs.dtype))
+        assert probs.shape == logits.shape
+        torch.testing.assert_close(probs.sum(-1), torch.ones(logits.shape[:-1], dtype=probs.dtype))
 
 
 def _loss(model, batch, targets, output_fn=None):
@@ -305,6 +311,8 @@ def test_gpt2_every_kind_and_structure():
     F = curvkit.fisher(model, batch, labels, kind="empirical")
     assert F.info["num_loss_terms"] == 8  # 2 × 5 positions, one ignored per sequence
     check_fisher(model, batch, labels, params, dense=True)
+    # Laplace on the (N, T, V) logits: every non-ignored token a loss term
+    check_laplace(model, batch, labels, params)
     with pytest.raises(UnsupportedLayerError, match=r"'transformer.wte' \(Embedding\)"):
         curvkit.optim.KFAC(model, lr=0.1, damping=1.0)
     with pytest.raises(UnsupportedLayerError, match=r"'transformer.h.0.attn.c_attn' \(Conv1D\)"):

@@ -172,7 +172,7 @@ def exact_factor(outputs: Tensor, likelihood: str) -> Tensor:
     return (s * (1 - s)).sqrt().unsqueeze(-1) * eye
 
 
-def _per_position(S: Tensor) -> Tensor:
+def per_position_seeds(S: Tensor) -> Tensor:
     """``(N, *pos, C, C)`` factors -> seeds ``(N, T·C, *pos, C)`` each at one position."""
     N, C = S.shape[0], S.shape[-1]
     pos = S.shape[1:-2]
@@ -233,7 +233,7 @@ def output_seeds(
                 "unbiased for the same Fisher) or kind='empirical'"
             )
         S = exact_factor(outputs, likelihood) * m.unsqueeze(-1)
-        seeds = S if outputs.dim() == 2 else _per_position(S)
+        seeds = S if outputs.dim() == 2 else per_position_seeds(S)
         return seeds / math.sqrt(terms), None
     if kind == "empirical":
         if targets is None:
@@ -245,6 +245,40 @@ def output_seeds(
     sampled = sample_targets(outputs, likelihood, mc_samples, generator)
     seeds = torch.stack([loss_gradient(outputs, y, likelihood) * m for y in sampled], dim=1)
     return seeds / math.sqrt(terms * mc_samples), sampled
+
+
+def log_likelihood_terms(outputs: Tensor, targets: Tensor, likelihood: str,
+                         ignore_index: int = -100) -> Tensor:
+    """``log p(y_{nt} | f_{nt})`` per loss term, float64, with all normalising constants.
+
+    The same convention as the Fisher (module docstring): the class (output) dimension is the
+    last one, every position of the middle dimensions is one loss term, and classification
+    positions whose target is ``ignore_index`` are none (they get ``0``; count the terms with
+    :func:`num_loss_terms`). So ``−terms.sum() / N_ℓ`` is
+    ``F.cross_entropy(f.reshape(-1, C), y.reshape(-1), ignore_index=ignore_index)``.
+
+    Args:
+        outputs: ``(N, C)`` or ``(N, …, C)`` logits (or regression outputs).
+        targets: classification indices ``(N, …)``; regression / binary targets of the outputs'
+            shape.
+        likelihood: ``"classification"`` (softmax), ``"regression"`` (Gaussian, unit variance:
+            ``−½‖f − y‖² − (C/2) log 2π`` per position) or ``"binary"`` (Bernoulli on logits,
+            summed over the last dimension per position).
+        ignore_index: classification target value of positions that are no loss term.
+
+    Returns:
+        ``(N, …)`` float64 (the outputs' shape without the last dimension).
+    """
+    f = outputs.detach().to(torch.float64)
+    if likelihood == "classification":
+        keep = targets != ignore_index
+        y = torch.where(keep, targets, torch.zeros_like(targets)).long()
+        lp = torch.log_softmax(f, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return torch.where(keep, lp, torch.zeros_like(lp))
+    y = targets.to(torch.float64)
+    if likelihood == "regression":
+        return -0.5 * ((f - y) ** 2).sum(-1) - 0.5 * f.shape[-1] * math.log(2 * math.pi)
+    return -torch.nn.functional.binary_cross_entropy_with_logits(f, y, reduction="none").sum(-1)
 
 
 def num_loss_terms(outputs: Tensor, targets: Tensor | None, likelihood: str,

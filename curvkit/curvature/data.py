@@ -4,7 +4,11 @@ The meaning is stated once: for batches ``B_1, …, B_K`` of sizes ``N_1, …, N
 ``N = Σ_k N_k``; with ``torch.distributed``, the batches of every rank), the Fisher is that of one
 batch holding all ``N`` data, ``F = (1/N) Σ_{n=1}^{N} E[g_n g_nᵀ]`` (the expectation of the
 kind). Each per-batch quantity below is a mean over its batch, so the union is the
-``N_k``-weighted mean:
+``N_k``-weighted mean. For outputs ``(N, …, C)`` the Fisher is the mean per loss term
+(:mod:`curvkit.capture.targets`): its error-side quantities (``B̂``, the diagonal, the Woodbury
+columns) are weighted by the batches' loss terms ``N_ℓ,k`` and divided by ``N_ℓ = Σ_k N_ℓ,k``
+instead (``Â`` stays a mean over inputs), so the union is again the concatenated batch; the
+total is ``Curvature.info["num_loss_terms"]``:
 
 * ``"kfac"`` -- the KFAC **of the union**: ``Â = (1/N) Σ_k N_k Â_k`` and ``B̂ = (1/N) Σ_k N_k B̂_k``
   (both factors accumulated over all data, then one Kronecker product per layer), i.e. exactly
@@ -179,40 +183,48 @@ def _mean_union(structure: str, builder, contexts: Iterator, options: dict):
     """KFAC / FOOF factors or the diagonal: ``N_k``-weighted sums, then ``/N``."""
     from curvkit.curvature.kfac import KFACFactors, KroneckerBlockDiagonal
 
-    N, first = 0, None
+    N, NT, first = 0, 0, None
     sums: list[Tensor] | None = None
     for ctx in contexts:
         op = builder(ctx, **options)
         n = ctx.num_data
+        nt = loss_terms(ctx, n)
         if structure == "diag":
-            parts = [op.diagonal().to(torch.float64) * n]
+            parts = [op.diagonal().to(torch.float64) * nt]
         else:
             f = op.factors
             parts = [A.to(torch.float64) * n for A in f.A]
-            parts += [B.to(torch.float64) * n for B in f.B if B is not None]
+            parts += [B.to(torch.float64) * nt for B in f.B if B is not None]
         sums = parts if sums is None else [s.add_(p) for s, p in zip(sums, parts)]
         if first is None:
             first = op
-        N += n
+        N, NT = N + n, NT + nt
     if first is None or sums is None:  # both None together: no batch
         if not dd.is_distributed():
             raise _no_data()
         raise ValueError("this rank's shard yielded no batch; give every rank at least one")
-    total = torch.tensor([float(N)], dtype=torch.float64, device=sums[0].device)
+    total = torch.tensor([float(N), float(NT)], dtype=torch.float64, device=sums[0].device)
     dd.all_reduce_sum([*sums, total])
-    N = int(total.item())
-    mean = [(s / N).to(first.dtype) for s in sums]
+    N, NT = int(total[0].item()), int(total[1].item())
+    info = {"num_loss_terms": NT}
     if structure == "diag":
-        return Diagonal(mean[0], name=first.name), None, N, {}
+        return Diagonal((sums[0] / NT).to(first.dtype), name=first.name), None, N, info
     f = first.factors
     L = len(f.A)
+    mean = [(s / (N if i < L else NT)).to(first.dtype) for i, s in enumerate(sums)]
     B = mean[L:] if f.B[0] is not None else [None] * L
     factors = KFACFactors(layers=f.layers, A=tuple(mean[:L]), B=tuple(B), num_data=N, kind=f.kind)
-    return KroneckerBlockDiagonal(factors, name=first.name), None, N, {}
+    return KroneckerBlockDiagonal(factors, name=first.name), None, N, info
+
+
+def loss_terms(ctx, n: int) -> int:
+    """``N_ℓ`` of a batch whose capture ran (``n``, its inputs, otherwise)."""
+    cap = ctx.__dict__.get("captured")
+    return int(cap.num_terms) if cap is not None and cap.num_terms is not None else n
 
 
 class _Columns:
-    """Per-layer inputs ``a`` and unscaled errors ``√N_k·e`` of the data kept so far.
+    """Per-layer inputs ``a`` and unscaled errors ``√N_ℓ,k·e`` of the data kept so far.
 
     With ``keep = k`` a reservoir of ``k`` data (Algorithm R: datum ``g`` replaces a uniformly
     chosen slot with probability ``k/(g+1)``, randomness from ``generator``) in fixed buffers.
@@ -238,7 +250,8 @@ class _Columns:
     def _fields(self, cap: Captured) -> list[tuple[Tensor, int]]:
         """``(tensor, rows per datum)`` of every kept field of a capture."""
         out = [(a.detach(), 1) for a in cap.a]
-        out += [(e.detach() * math.sqrt(cap.num_data), cap.repeats) for e in cap.e]
+        nt = cap.num_terms if cap.num_terms is not None else cap.num_data
+        out += [(e.detach() * math.sqrt(nt), cap.repeats) for e in cap.e]
         out.append((cap.outputs, 1))
         if cap.sampled is not None:
             out.append((cap.sampled.movedim(1, 0), 1))  # (n, S[, C])
@@ -301,8 +314,8 @@ class _Columns:
         """All ranks' kept columns, in rank order (every rank ends with the union)."""
         self.parts = [[dd.all_gather_rows(t)] for t in self.tensors()]
 
-    def captured(self, layers, N: int) -> Captured:
-        """The union capture with errors scaled by ``1/√N`` (``N`` = data the mean is over)."""
+    def captured(self, layers, N: float) -> Captured:
+        """The union capture with errors scaled by ``1/√N`` (``N`` = loss terms the mean is over)."""
         ts = self.tensors()
         L, s = self.num_layers, 1.0 / math.sqrt(N)
         sampled = ts[2 * L + 1].movedim(0, 1).contiguous() if len(ts) > 2 * L + 1 else None
@@ -344,18 +357,20 @@ def _column_union(ctx0, structure, builder, contexts: Iterator, data, options, s
                          "route='primal', which accumulates all data exactly")
     cols = _Columns(subsample, generator)
     dense: list[Tensor] | None = None
-    N = 0
+    N, NT = 0, 0
     checked_total = False
     for ctx in contexts:
         n = ctx.num_data
         if dense is None and route == "primal":
-            dense = _primal_matrices(structure, ctx, options, n)
+            dense = _primal_matrices(structure, ctx, options, 1.0)  # runs the capture
+            dense = [D.mul_(loss_terms(ctx, n)) for D in dense]
         elif dense is not None:
-            for D, X in zip(dense, _primal_matrices(structure, ctx, options, n)):
-                D.add_(X)
+            mats = _primal_matrices(structure, ctx, options, 1.0)
+            for D, X in zip(dense, mats):
+                D.add_(X, alpha=loss_terms(ctx, n))
         else:
             cols.add(ctx.captured)
-        N += n
+        N, NT = N + n, NT + loss_terms(ctx, n)
         if dense is None and subsample is None:
             M = cols.kept * cols.R
             if route == "auto" and M >= big and primal_bytes <= budget and not dd.is_distributed():
@@ -375,38 +390,44 @@ def _column_union(ctx0, structure, builder, contexts: Iterator, data, options, s
                 raise _budget_error(structure, N, cols.R, need, budget, P, primal_bytes)
     if N == 0:
         raise _no_data()
-    counts = torch.tensor([float(N), float(cols.kept * cols.R)], dtype=torch.float64, device=device)
+    counts = torch.tensor([float(N), float(cols.kept * cols.R), float(NT)], dtype=torch.float64,
+                          device=device)
     dd.all_reduce_sum([counts])
-    N = int(counts[0].item())
+    N, NT = int(counts[0].item()), int(counts[2].item())
     if dense is None and dd.is_distributed() and route == "auto" and subsample is None \
             and int(counts[1].item()) >= big and primal_bytes <= budget:  # decided by all ranks
         dense = _columns_to_dense(cols, ctx0, structure, options)
     if dense is not None:
         dd.all_reduce_sum(dense)
         dtype = ctx0.params[0].dtype
-        mats = [Dense((D / N).to(dtype), name=f"Fisher[{structure}, primal]") for D in dense]
+        mats = [Dense((D / NT).to(dtype), name=f"Fisher[{structure}, primal]") for D in dense]
+        info = {"route": "primal", "num_seen": N, "num_loss_terms": NT}
         if structure == "full":
-            return mats[0], None, N, {"route": "primal", "num_seen": N}
-        return BlockDiagonal(mats, name="Fisher[block_diag]"), None, N, \
-            {"route": "primal", "num_seen": N}
+            return mats[0], None, N, info
+        return BlockDiagonal(mats, name="Fisher[block_diag]"), None, N, info
     if dd.is_distributed() and distributed_columns == "shard":
-        return _sharded(ctx0, structure, cols, N, options), None, N, \
-            {"num_seen": N, "distributed_columns": "shard"}
+        return _sharded(ctx0, structure, cols, NT, options), None, N, \
+            {"num_seen": N, "distributed_columns": "shard", "num_loss_terms": NT}
     if dd.is_distributed():
         cols.gather()
     kept = cols.kept if subsample is not None else N
-    cap = cols.captured(ctx0.layers, kept)
+    cap = cols.captured(ctx0.layers, kept * NT / N)  # the kept data's share of the loss terms
+    if subsample is None:
+        cap.num_terms = NT
     ctx = dataclasses.replace(ctx0, inputs=None, targets=None)
     ctx.__dict__["captured"] = cap
     op = builder(ctx, **options)
-    info = {"num_seen": N}
+    info = {"num_seen": N, "num_loss_terms": NT}
     if subsample is not None:
         info["subsample"] = kept
     return op, cap, kept, info
 
 
 def _sharded(ctx0, structure: str, cols: _Columns, N: int, options: dict) -> LinearOperator:
-    """Woodbury with this rank's columns only (:class:`~curvkit.curvature.distributed.ShardedFactor`)."""
+    """Woodbury with this rank's columns only (:class:`~curvkit.curvature.distributed.ShardedFactor`).
+
+    ``N`` is the number of loss terms of the union (the errors' ``1/√N``).
+    """
     from curvkit.curvature.fisher import layer_factors
 
     if cols.kept == 0:
@@ -423,9 +444,9 @@ def _sharded(ctx0, structure: str, cols: _Columns, N: int, options: dict) -> Lin
 
 
 def _columns_to_dense(cols: _Columns, ctx0, structure: str, options: dict) -> list[Tensor]:
-    """Switch to the primal route: ``Σ_k N_k U_k U_kᵀ`` from the columns kept so far."""
+    """Switch to the primal route: ``Σ_k N_ℓ,k U_k U_kᵀ`` from the columns kept so far."""
     ctx = dataclasses.replace(ctx0, inputs=None, targets=None)
-    ctx.__dict__["captured"] = cols.captured(ctx0.layers, 1)  # unscaled: U Uᵀ = Σ_k N_k U_k U_kᵀ
+    ctx.__dict__["captured"] = cols.captured(ctx0.layers, 1)  # unscaled: Σ_k N_ℓ,k U_k U_kᵀ
     return _primal_matrices(structure, ctx, options, 1.0)
 
 

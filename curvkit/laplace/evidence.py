@@ -2,12 +2,14 @@
 
 With ``Λ = Λ_p + n·F``, ``Λ_p = diag(δ)`` and ``n = num_data``::
 
-    log p(D) ≈ (n/N) Σ_n log p(y_n | x_n, θ_MAP)               (batch log-likelihood scaled to n)
+    log p(D) ≈ (n/N_ℓ) Σ log p(y | x, θ_MAP)                   (batch log-likelihood scaled to n)
              + log N(θ_MAP; 0, Λ_p⁻¹)                           (−½θᵀΛ_pθ + ½ log det Λ_p − (P/2) log 2π)
              + (P/2) log 2π − ½ log det Λ                        (Gaussian integral)
-           = (n/N) Σ log p − ½ θᵀΛ_pθ + ½ log det Λ_p − ½ log det Λ
+           = (n/N_ℓ) Σ log p − ½ θᵀΛ_pθ + ½ log det Λ_p − ½ log det Λ
 
-(the ``(P/2) log 2π`` terms cancel), as laplace-torch's ``log_marginal_likelihood`` with its summed
+(the ``(P/2) log 2π`` terms cancel; the sum runs over the ``N_ℓ`` loss terms of the batch -- its
+``N`` inputs, or the non-ignored positions of outputs ``(N, …, C)``, as the Fisher's mean -- and
+``n`` counts loss terms too), as laplace-torch's ``log_marginal_likelihood`` with its summed
 GGN over ``n`` points and ``temperature = 1``.
 
 **Cost rule for new scalar priors.** ``log det(n F + δ I)`` at one new ``δ`` needs one Cholesky
@@ -26,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from curvkit.laplace.prior import PriorPrecision
 
@@ -47,29 +49,9 @@ def use_eigenvalues(n_values: int, cached: bool) -> bool:
     return cached or n_values > EIGH_OVER_CHOLESKY
 
 
-def log_likelihood_terms(outputs: Tensor, targets: Tensor, likelihood: str) -> Tensor:
-    """``log p(y_n | f_n)`` per input (float64), with all normalising constants.
-
-    Args:
-        outputs: ``(N, C)`` model outputs.
-        targets: labels or regression targets.
-        likelihood: ``"classification"``, ``"regression"`` (unit variance) or ``"binary"``.
-
-    Returns:
-        ``(N,)`` float64.
-    """
-    f = outputs.detach().to(torch.float64)
-    if likelihood == "classification":
-        return torch.log_softmax(f, dim=1).gather(1, targets.long().reshape(-1, 1))[:, 0]
-    y = targets.to(torch.float64)
-    if likelihood == "regression":
-        return -0.5 * ((f - y) ** 2).sum(1) - 0.5 * f.shape[1] * math.log(2 * math.pi)
-    return -nn.functional.binary_cross_entropy_with_logits(f, y, reduction="none").sum(1)
-
-
 def laplace_evidence(log_likelihood: Tensor, prior: PriorPrecision, theta: Tensor,
                      logdet_posterior: Tensor) -> Tensor:
-    """``(n/N) Σ log p − ½ θᵀΛ_pθ + ½ log det Λ_p − ½ log det Λ`` (module doc).
+    """``(n/N_ℓ) Σ log p − ½ θᵀΛ_pθ + ½ log det Λ_p − ½ log det Λ`` (module doc).
 
     Args:
         log_likelihood: the scaled batch log-likelihood.

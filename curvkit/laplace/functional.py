@@ -52,7 +52,10 @@ def functional_bytes_per_input(probe: list, C: int, rank: int | None, per_parame
 
 def functional_moments(model: torch.nn.Module, x, layers: list, precision: LinearOperator,
                        damping, rank: int | None = None, output_fn=None) -> tuple[Tensor, Tensor]:
-    """``(f(x; θ_MAP) (N, C), J Λ⁻¹ Jᵀ (N, C, C) float64)`` with ``Λ = precision + D``.
+    """``(f(x; θ_MAP) (N, …, C), J Λ⁻¹ Jᵀ (N, …, C, C) float64)`` with ``Λ = precision + D``.
+
+    For outputs ``(N, …, C)`` every position gets its own ``C × C`` covariance (``T·C`` output
+    Jacobian columns per input, :func:`~curvkit.curvature.jacobian.output_jacobian_factors`).
 
     Args:
         model: the network at ``θ_MAP``.
@@ -68,13 +71,15 @@ def functional_moments(model: torch.nn.Module, x, layers: list, precision: Linea
     """
     n_x = batch_size(x)
     _, probe = output_jacobian_factors(model, slice_inputs(x, 0, 1), layers, output_fn)
-    C = probe[0].rank
+    R = probe[0].rank  # Jacobian columns per input: C, or T·C per position
     per_parameter = isinstance(damping, Tensor) and not bool((damping == damping[0]).all())
-    per_input = functional_bytes_per_input(probe, C, rank, per_parameter)
+    per_input = functional_bytes_per_input(probe, R, rank, per_parameter)
     step = max(1, min(n_x, CHUNK_BYTES // max(1, per_input)))
     means, covs = [], []
     for i in range(0, n_x, step):
         out, Jt = output_jacobian_factors(model, slice_inputs(x, i, i + step), layers, output_fn)
+        C = out.shape[-1]
         means.append(out)
-        covs.append(precision.inverse_quad_blocks(StackedFactor(Jt), C, damping))
+        cov = precision.inverse_quad_blocks(StackedFactor(Jt), C, damping)
+        covs.append(cov.reshape(*out.shape, C))
     return torch.cat(means), torch.cat(covs)

@@ -41,10 +41,12 @@ from curvkit.curvature.jacobian import (
     as_logits,
     check_targets,
     forward,
+    log_likelihood_terms,
+    num_loss_terms,
 )
 from curvkit.laplace import saving, tuning
 from curvkit.laplace.arguments import check_arguments
-from curvkit.laplace.evidence import laplace_evidence, log_likelihood_terms, use_eigenvalues
+from curvkit.laplace.evidence import laplace_evidence, use_eigenvalues
 from curvkit.laplace.functional import functional_moments
 from curvkit.laplace.predictive import LINK_APPROX, PRED_TYPES, glm_predictive, nn_predictive
 from curvkit.laplace.prior import PriorPrecision
@@ -77,7 +79,10 @@ class LaplacePosterior:
         structure: ``"full"`` (exact Fisher, Woodbury/perturbation), ``"block_diag"``, ``"kfac"``,
             ``"foof"``, ``"diag"`` (when registered, see :func:`curvkit.structures`).
         prior_precision: ``δ`` -- a scalar, one per parameter tensor, or a full diagonal.
-        num_data: training-set size ``n`` (default ``N``).
+        num_data: training-set size ``n`` in loss terms, so that ``n·F`` estimates the summed
+            Fisher of the training set (default: the loss terms of the Fisher data -- ``N`` for
+            ``(N, C)`` outputs; for outputs ``(N, …, C)``, where ``F`` is the mean per loss term
+            (position), the number of non-ignored positions ``N_ℓ``).
         route: ``"auto"``, ``"dual"`` (``M × M``) or ``"primal"`` (``P × P``) for ``"full"`` /
             ``"block_diag"``; ``"auto"`` picks the cheaper one that fits in memory
             (:meth:`curvkit.linalg.Woodbury.choose_route`).
@@ -90,6 +95,8 @@ class LaplacePosterior:
             (then ``kind``/``structure`` are taken from it).
         output_fn: maps the model output to the logits (default: the tensor or its ``.logits``).
         label_key: dict key of the labels in dict batches.
+        ignore_index: classification target value of positions that are no loss term (outputs
+            ``(N, …, C)``, e.g. padding tokens); used by the Fisher and the log-likelihood.
         progress: tqdm progress bars over iterables of batches (default on; ``False`` off).
         fisher_options: further options of :func:`curvkit.fisher` for iterables, e.g.
             ``{"column_budget_gb": 8, "subsample": 5000, "subsample_generator": g}``.
@@ -120,6 +127,7 @@ class LaplacePosterior:
         curvature: Curvature | None = None,
         output_fn=None,
         label_key: str = LABEL_KEY,
+        ignore_index: int = -100,
         progress: bool | None = None,
         fisher_options: dict | None = None,
     ) -> None:
@@ -134,13 +142,14 @@ class LaplacePosterior:
             curvature = fisher(model, inputs, targets, likelihood=likelihood, kind=kind,
                                structure=structure, mc_samples=mc_samples, generator=generator,
                                params=params, output_fn=output_fn, label_key=label_key,
-                               progress=progress, **opts)
+                               ignore_index=ignore_index, progress=progress, **opts)
         elif not isinstance(curvature, Curvature):
             raise TypeError(f"curvature must be a curvkit Curvature, got {type(curvature).__name__}")
         N = int(curvature.num_data)
-        if num_data is None:
-            num_data = int(curvature.info.get("num_seen", N))
+        if num_data is None:  # F is a mean over loss terms: n·F their sum
+            num_data = int(curvature.info.get("num_loss_terms", curvature.info.get("num_seen", N)))
         self.output_fn, self.label_key, self.progress = output_fn, label_key, progress
+        self.ignore_index = int(ignore_index)
         self.model, self.inputs, self.targets = model, inputs, targets
         self.curvature = curvature
         self.likelihood, self.kind, self.structure = curvature.likelihood, curvature.kind, curvature.structure
@@ -293,7 +302,7 @@ class LaplacePosterior:
         return self._from_layer(d[:, None])[:, 0].to(self.mean.dtype)
 
     def _functional(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(f(x; θ_MAP), J Λ⁻¹ Jᵀ)`` with shapes ``(N, C)`` and ``(N, C, C)``.
+        """``(f(x; θ_MAP), J Λ⁻¹ Jᵀ)`` with shapes ``(N, …, C)`` and ``(N, …, C, C)``.
 
         Chunked over the test inputs (:func:`curvkit.laplace.functional.functional_moments`).
         """
@@ -304,11 +313,11 @@ class LaplacePosterior:
         return f_mean, f_var.to(self.mean.dtype)
 
     def functional_variance(self, x: Tensor) -> Tensor:
-        """``Σ_f(x_n) = J(x_n) Λ⁻¹ J(x_n)ᵀ`` per input, ``(N, C, C)`` (GLM functional covariance)."""
+        """``Σ_f = J Λ⁻¹ Jᵀ`` per input (and position), ``(N, …, C, C)`` (GLM functional covariance)."""
         return self._functional(x)[1]
 
     def _sampled_outputs(self, x: Tensor, n_samples: int, generator) -> Tensor:
-        """``f(x; θ_s)`` for exact posterior samples ``θ_s``, ``(S, N, C)``."""
+        """``f(x; θ_s)`` for exact posterior samples ``θ_s``, ``(S, N, …, C)``."""
         step = max(1, 2**27 // max(1, 8 * self.num_params))
         outs = []
         with torch.no_grad():
@@ -335,9 +344,13 @@ class LaplacePosterior:
             n_samples: Monte Carlo samples for ``"mc"`` / ``"nn"``.
             generator: randomness for ``"mc"`` / ``"nn"``.
 
+        Outputs ``(N, …, C)`` (class dim last, e.g. a language model's ``(N, T, V)``) get the
+        predictive of every position; the GLM route back-propagates ``T·C`` output seeds per
+        input (refused above 4096 with a pointer to ``pred_type="nn"``).
+
         Returns:
-            Classification / binary: probabilities ``(N, C)``. Regression: ``(mean (N, C),
-            covariance (N, C, C))`` of ``f`` (add the unit noise variance for ``y``).
+            Classification / binary: probabilities ``(N, …, C)``. Regression: ``(mean (N, …, C),
+            covariance (N, …, C, C))`` of ``f`` (add the unit noise variance for ``y``).
         """
         if pred_type not in PRED_TYPES:
             raise ValueError(f"unknown pred_type {pred_type!r}; valid: {list(PRED_TYPES)}")
@@ -367,9 +380,10 @@ class LaplacePosterior:
 
     # ------------------------------------------------------------------ evidence
     def log_likelihood(self) -> Tensor:
-        """``(n/N) Σ_{batch} log p(y_n | x_n, θ_MAP)`` with all constants (float64 scalar)."""
+        """``(n/N_ℓ) Σ log p(y | x, θ_MAP)`` over the ``N_ℓ`` loss terms of the data (as ``F``'s
+        mean: inputs, or non-ignored positions of ``(N, …, C)`` outputs), float64, all constants."""
         if self._loglik is None:
-            total = torch.zeros(2, dtype=torch.float64, device=self.mean.device)
+            total = torch.zeros(3, dtype=torch.float64, device=self.mean.device)
             for b in iter_batches(self.inputs, self.targets, self.label_key, self.progress,
                                   desc="curvkit.laplace[log-likelihood]"):
                 if b.targets is None:
@@ -377,16 +391,21 @@ class LaplacePosterior:
                                      "LaplacePosterior (or (x, y) batches in the loader)")
                 with torch.no_grad():
                     out = forward(self.model, b.inputs, self.output_fn)
-                check_targets(out, b.targets, self.likelihood)
-                total[0] += log_likelihood_terms(out, b.targets, self.likelihood).sum()
+                check_targets(out, b.targets, self.likelihood, self.ignore_index)
+                total[0] += log_likelihood_terms(out, b.targets, self.likelihood,
+                                                 self.ignore_index).sum()
                 total[1] += b.size
+                total[2] += num_loss_terms(out, b.targets, self.likelihood, self.ignore_index)
             dd.all_reduce_sum([total])
             if int(total[1]) != self.batch_size and self.curvature.info.get("subsample") is None:
                 raise ValueError(
                     f"the evidence pass over the data saw {int(total[1])} inputs but the Fisher "
                     f"{self.batch_size}; pass a re-iterable (a DataLoader or a list of batches), not "
                     "a one-shot generator, that yields the same data each time")
-            self._loglik = total[0] * (self.num_data / total[1])
+            if int(total[2]) == 0:
+                raise ValueError(f"every target equals ignore_index={self.ignore_index}: the "
+                                 "evidence has no loss terms")
+            self._loglik = total[0] * (self.num_data / total[2])
         return self._loglik
 
     def log_det_posterior_precision(self, prior_precision=None) -> Tensor:
@@ -420,7 +439,7 @@ class LaplacePosterior:
                 one; the posterior itself is unchanged.
 
         Returns:
-            ``(n/N) Σ log p(y|x,θ_MAP) − ½ θᵀΛ_pθ + ½ log det Λ_p − ½ log det Λ``.
+            ``(n/N_ℓ) Σ log p(y|x,θ_MAP) − ½ θᵀΛ_pθ + ½ log det Λ_p − ½ log det Λ``.
         """
         prior = self._prior if prior_precision is None else PriorPrecision(
             prior_precision, self.params, self.param_names)

@@ -65,8 +65,16 @@ def glm_predictive(f_mean: Tensor, f_var: Tensor, likelihood: str, link_approx: 
         generator: randomness for ``"mc"``.
 
     Returns:
-        Probabilities ``(N, C)``, or ``(f_mean, f_var)`` for regression.
+        Probabilities ``(N, C)``, or ``(f_mean, f_var)`` for regression; for ``f_mean`` of shape
+        ``(N, …, C)`` and ``f_var`` ``(N, …, C, C)`` (per-position outputs) the same per position.
     """
+    if f_mean.dim() > 2:  # positions are rows
+        C = f_mean.shape[-1]
+        res = glm_predictive(f_mean.reshape(-1, C), f_var.reshape(-1, C, C), likelihood,
+                             link_approx, n_samples, generator)
+        if isinstance(res, tuple):
+            return res[0].reshape(f_mean.shape), res[1].reshape(f_var.shape)
+        return res.reshape(f_mean.shape)
     if likelihood == "regression":
         return f_mean, f_var
     if link_approx == "probit":
@@ -84,17 +92,18 @@ def glm_predictive(f_mean: Tensor, f_var: Tensor, likelihood: str, link_approx: 
 
 
 def nn_predictive(f_samples: Tensor, likelihood: str):
-    """Sampled-network predictive from outputs ``f(x; θ_s)`` of shape ``(S, N, C)``.
+    """Sampled-network predictive from outputs ``f(x; θ_s)`` of shape ``(S, N, C)`` or ``(S, N, …, C)``.
 
     Args:
         f_samples: outputs at the posterior samples.
         likelihood: ``"classification"``, ``"binary"`` or ``"regression"``.
 
     Returns:
-        The mean of ``link(f_s)`` ``(N, C)``, or ``(mean, covariance)`` of ``f_s`` for regression.
+        The mean of ``link(f_s)`` ``(N, …, C)``, or ``(mean, covariance)`` of ``f_s`` for
+        regression (per position for ``(N, …, C)``).
     """
     if likelihood == "regression":
         mean = f_samples.mean(0)
         d = f_samples - mean
-        return mean, torch.einsum("snc,snd->ncd", d, d) / max(1, f_samples.shape[0] - 1)
+        return mean, torch.einsum("s...c,s...d->...cd", d, d) / max(1, f_samples.shape[0] - 1)
     return link(f_samples, likelihood).mean(0)

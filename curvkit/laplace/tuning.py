@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from curvkit.curvature.data import is_single_batch, iter_batches
+from curvkit.curvature.jacobian import log_likelihood_terms, num_loss_terms
 from curvkit.laplace.evidence import maximize_evidence
 from curvkit.linalg import batched_spd_solve
 
@@ -108,28 +109,37 @@ def gridsearch(post, per_layer: bool, x: Tensor | None, y: Tensor | None,
     return best
 
 def predictive_nll(post, x, y, link_approx: str) -> float:
-    """Mean negative log-likelihood of the GLM predictive on ``(x, y)`` (or batches of them)."""
+    """Mean NLL of the GLM predictive per loss term on ``(x, y)`` (or batches of them).
+
+    Loss terms as the Fisher's: inputs, or the non-ignored positions of outputs ``(N, …, C)``.
+    """
     total, count = 0.0, 0
     for b in iter_batches(x, y, post.label_key, False):
         if b.targets is None:
             raise ValueError("method='gridsearch' needs the labels of the held-out batches")
-        total += batch_nll(post, b.inputs, b.targets, link_approx) * b.size
-        count += b.size
+        s, n = batch_nll(post, b.inputs, b.targets, link_approx)
+        total, count = total + s, count + n
+    if count == 0:
+        raise ValueError(f"every held-out target equals ignore_index={post.ignore_index}")
     return total / count
 
 
-def batch_nll(post, x, y: Tensor, link_approx: str) -> float:
-    """Mean negative log-likelihood of the GLM predictive on one batch."""
+def batch_nll(post, x, y: Tensor, link_approx: str) -> tuple[float, int]:
+    """``(summed NLL of the GLM predictive, number of loss terms)`` on one batch."""
     if post.likelihood == "regression":
         mean, cov = post.predictive(x, "glm")
-        S = cov.to(torch.float64) + torch.eye(cov.shape[1], dtype=torch.float64, device=cov.device)
-        d = (y.to(torch.float64) - mean.to(torch.float64))[:, :, None]
+        C = mean.shape[-1]
+        mean, cov = mean.reshape(-1, C), cov.reshape(-1, C, C)  # one row per loss term
+        S = cov.to(torch.float64) + torch.eye(C, dtype=torch.float64, device=cov.device)
+        d = (y.reshape(-1, C).to(torch.float64) - mean.to(torch.float64))[:, :, None]
         Sinv_d, logdet = batched_spd_solve(S, d, name="predictive covariance Σ_f + I")
         quad = (d.transpose(1, 2) @ Sinv_d)[:, 0, 0]
-        return float(0.5 * (quad + logdet + S.shape[1] * math.log(2 * math.pi)).mean())
+        return float(0.5 * (quad + logdet + C * math.log(2 * math.pi)).sum()), int(mean.shape[0])
     p = post.predictive(x, "glm", link_approx, generator=torch.Generator(device=y.device).manual_seed(0))
-    p = p.to(torch.float64).clamp_min(1e-12)
-    if post.likelihood == "classification":
-        return float(-p.gather(1, y.long().reshape(-1, 1)).log().mean())
-    yt = y.to(torch.float64)
-    return float(-(yt * p.log() + (1 - yt) * (1 - p).clamp_min(1e-12).log()).sum(1).mean())
+    p = p.to(torch.float64).clamp(1e-12, 1 - 1e-12)
+    if post.likelihood == "classification":  # log-probabilities as logits: log_softmax keeps them
+        logp = p.log()
+    else:  # Bernoulli probabilities -> logits
+        logp = torch.logit(p)
+    terms = log_likelihood_terms(logp, y, post.likelihood, post.ignore_index)
+    return float(-terms.sum()), num_loss_terms(logp, y, post.likelihood, post.ignore_index)
