@@ -365,8 +365,8 @@ def _column_union(ctx0, structure, builder, contexts: Iterator, data, options, s
             dense = _primal_matrices(structure, ctx, options, 1.0)  # runs the capture
             dense = [D.mul_(loss_terms(ctx, n)) for D in dense]
         elif dense is not None:
-            mats = _primal_matrices(structure, ctx, options, 1.0)
-            for D, X in zip(dense, mats):
+            new = _primal_matrices(structure, ctx, options, 1.0)
+            for D, X in zip(dense, new):
                 D.add_(X, alpha=loss_terms(ctx, n))
         else:
             cols.add(ctx.captured)

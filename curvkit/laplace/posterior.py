@@ -79,10 +79,9 @@ class LaplacePosterior:
         structure: ``"full"`` (exact Fisher, Woodbury/perturbation), ``"block_diag"``, ``"kfac"``,
             ``"foof"``, ``"diag"`` (when registered, see :func:`curvkit.structures`).
         prior_precision: ``δ`` -- a scalar, one per parameter tensor, or a full diagonal.
-        num_data: training-set size ``n`` in loss terms, so that ``n·F`` estimates the summed
-            Fisher of the training set (default: the loss terms of the Fisher data -- ``N`` for
-            ``(N, C)`` outputs; for outputs ``(N, …, C)``, where ``F`` is the mean per loss term
-            (position), the number of non-ignored positions ``N_ℓ``).
+        num_data: training-set size ``n`` in loss terms (``n·F`` estimates the summed Fisher);
+            default: the Fisher data's ``N`` for ``(N, C)`` outputs, the non-ignored positions
+            ``N_ℓ`` for ``(N, …, C)`` (then ``F`` is the mean per position).
         route: ``"auto"``, ``"dual"`` (``M × M``) or ``"primal"`` (``P × P``) for ``"full"`` /
             ``"block_diag"``; ``"auto"`` picks the cheaper one that fits in memory
             (:meth:`curvkit.linalg.Woodbury.choose_route`).
@@ -147,7 +146,7 @@ class LaplacePosterior:
             raise TypeError(f"curvature must be a curvkit Curvature, got {type(curvature).__name__}")
         N = int(curvature.num_data)
         if num_data is None:  # F is a mean over loss terms: n·F their sum
-            num_data = int(curvature.info.get("num_loss_terms", curvature.info.get("num_seen", N)))
+            num_data = int(curvature.info.get("num_loss_terms") or curvature.info.get("num_seen") or N)
         self.output_fn, self.label_key, self.progress = output_fn, label_key, progress
         self.ignore_index = int(ignore_index)
         self.model, self.inputs, self.targets = model, inputs, targets
@@ -344,9 +343,8 @@ class LaplacePosterior:
             n_samples: Monte Carlo samples for ``"mc"`` / ``"nn"``.
             generator: randomness for ``"mc"`` / ``"nn"``.
 
-        Outputs ``(N, …, C)`` (class dim last, e.g. a language model's ``(N, T, V)``) get the
-        predictive of every position; the GLM route back-propagates ``T·C`` output seeds per
-        input (refused above 4096 with a pointer to ``pred_type="nn"``).
+        Outputs ``(N, …, C)`` (class dim last, e.g. ``(N, T, V)``) get it per position; GLM:
+        ``T·C`` output seeds per input (refused above 4096, pointing to ``pred_type="nn"``).
 
         Returns:
             Classification / binary: probabilities ``(N, …, C)``. Regression: ``(mean (N, …, C),
@@ -380,8 +378,11 @@ class LaplacePosterior:
 
     # ------------------------------------------------------------------ evidence
     def log_likelihood(self) -> Tensor:
-        """``(n/N_ℓ) Σ log p(y | x, θ_MAP)`` over the ``N_ℓ`` loss terms of the data (as ``F``'s
-        mean: inputs, or non-ignored positions of ``(N, …, C)`` outputs), float64, all constants."""
+        """``(n/N_ℓ) Σ log p(y | x, θ_MAP)`` with all constants (float64 scalar).
+
+        The sum runs over the ``N_ℓ`` loss terms of the data, as ``F``'s mean: its inputs, or the
+        non-ignored positions of ``(N, …, C)`` outputs.
+        """
         if self._loglik is None:
             total = torch.zeros(3, dtype=torch.float64, device=self.mean.device)
             for b in iter_batches(self.inputs, self.targets, self.label_key, self.progress,
