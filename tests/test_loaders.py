@@ -127,7 +127,8 @@ def test_subsample_keeps_k_data_at_random_and_reproducibly():
     F2 = curvkit.fisher(model, chunks(X, y, (10, 7, 13)), **kw,
                         subsample_generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(dense(F1), dense(F2))
-    assert F1.num_data == 6 and F1.info == {"rank": 6, "num_seen": 30, "subsample": 6}
+    assert F1.num_data == 6 and F1.info == {"rank": 6, "num_seen": 30, "subsample": 6,
+                                            "num_loss_terms": 30}
     with torch.no_grad():
         out = model(X)
     rows = [int((out - o).abs().sum(1).argmin()) for o in F1.captured.outputs]
