@@ -47,7 +47,7 @@ from curvkit.curvature import structures as registered_structures
 from curvkit.curvature.data import is_single_batch, iter_batches
 from curvkit.curvature.distributed import all_reduce_sum
 from curvkit.curvature.jacobian import num_loss_terms
-from curvkit.curvature.kfac import KroneckerBlockDiagonal, factors_of, input_factor
+from curvkit.curvature.kfac import KroneckerBlockDiagonal, factors_of, input_factor, input_factor_of
 from curvkit.curvature.layout import BlockLayout
 from curvkit.curvature.streaming import (
     KINDS,
@@ -362,7 +362,8 @@ def compare(
         D_ref = None
         x_ref = F.solve(grad, damping).to(torch.float64)
     if F.captured is not None:
-        A = [input_factor(a.to(torch.float64)) for a in F.captured.a]
+        A = [input_factor_of(layer, a).to(torch.float64) if layer.one_hot
+             else input_factor(a.to(torch.float64)) for layer, a in zip(F.layers, F.captured.a)]
     else:  # the union over batches took the primal route: Â from the (exact) union FOOF factors
         A = [a.to(torch.float64) for a in factors_of(build("foof", None)).A]
     V_ref = _layer_blocks(F, x_ref)

@@ -307,6 +307,8 @@ def test_gpt2_every_kind_and_structure():
     assert "HFConv1DAdapter" in kinds and "LayerNormAdapter" in kinds  # GPT-2's Conv1D: a rule
     generic = {r.name: r.reason for r in rules if isinstance(r, GenericAdapter)}
     assert generic["transformer.wte"] == "tied to another module"  # wte tied to lm_head
+    # wpe: the Embedding rule, its (1, T) position lookup shared by the batch taken per sample
+    assert {r.name: type(r).__name__ for r in rules}["transformer.wpe"] == "EmbeddingAdapter"
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     F = curvkit.fisher(model, batch, labels, kind="empirical")
     assert F.info["num_loss_terms"] == 8  # 2 × 5 positions, one ignored per sequence

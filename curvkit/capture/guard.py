@@ -154,10 +154,10 @@ def verify_capture(
         # O(N T (o + d) K) instead of the d_out × d_in product; any difference survives a.s.
         P = torch.randn(g.shape[0], _PROBES, generator=gen, device=g.device, dtype=g.dtype)
         Q = torch.randn(g.shape[1], _PROBES, generator=gen, device=g.device, dtype=g.dtype)
-        UwP = (ew.reshape(N * T, -1) @ P).T @ (al.reshape(N * T, -1) @ Q)  # Pᵀ (U w) Q
+        UwP = (ew.reshape(N * T, -1) @ P).T @ layer.project_inputs(al, Q)  # Pᵀ (U w) Q
         gP = P.T @ g @ Q
         bound = _PROBES * (w.abs().to(el.dtype)[:, :, None] * torch.linalg.vector_norm(
-            el, dim=-1).reshape(N, R, T) * torch.linalg.vector_norm(al, dim=-1)[:, None, :]).sum()
+            el, dim=-1).reshape(N, R, T) * layer.input_norms(al, el.dtype)[:, None, :]).sum()
         err = float(torch.linalg.vector_norm(UwP - gP))
         ref = float(torch.linalg.vector_norm(gP))
         rel = err / ref if ref > 0 else (0.0 if err == 0 else math.inf)

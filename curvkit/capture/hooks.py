@@ -103,6 +103,7 @@ def _add_use(records: Records, i: int, layer: LayerAdapter, module: nn.Module, a
     if not isinstance(output, Tensor):
         raise TypeError(f"Layer {layer.describe()} returned {type(output).__name__}")
     x = args[0]
+    output = layer.per_sample_output(x, output, records.batch_size)
     a = layer.inputs(x, module=module, batch_size=records.batch_size)
     if a.data_ptr() == x.data_ptr():  # a view of the input: it must stay unchanged
         records._watch[i].append((x, x._version))

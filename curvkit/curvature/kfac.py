@@ -117,6 +117,33 @@ def input_factor(a: Tensor, num_data: int | None = None, *, symmetrize: bool = T
     return location_gram(a, 1.0 / N, symmetrize)
 
 
+def input_factor_of(layer: LayerAdapter, a: Tensor, num_data: int | None = None) -> Tensor:
+    """:func:`input_factor` of a layer's captured ``a``, also for one-hot (embedding) inputs.
+
+    For a rule whose ``a`` holds one-hot indices ``(N, T, 1)`` (``layer.one_hot``, −1 for no row)
+    ``Â = (1/N) Σ_{n,t} 1_{i_{nt}} 1_{i_{nt}}ᵀ = (1/N) diag(counts)`` (``V × V``, memory checked),
+    without forming the one-hots; otherwise :func:`input_factor`.
+
+    Args:
+        layer: the layer adapter.
+        a: its captured inputs.
+        num_data: ``N`` (default ``a.shape[0]``).
+
+    Returns:
+        The symmetric ``(d_in, d_in)`` factor.
+    """
+    if not getattr(layer, "one_hot", False):
+        return input_factor(a, num_data)
+    N = a.shape[0] if num_data is None else int(num_data)
+    V = layer.d_in
+    dtype = layer.parameters()[0].dtype
+    check_memory(V * V * torch.finfo(dtype).bits // 8, f"KFAC's {V}×{V} input factor of layer "
+                 f"{layer.describe()} (diagonal index counts)", a.device)
+    idx = a.reshape(-1)
+    counts = torch.bincount(idx[idx >= 0], minlength=V).to(dtype)
+    return torch.diag(counts / N)
+
+
 def output_factor(e: Tensor, *, symmetrize: bool = True) -> Tensor:
     """KFAC's output factor ``B̂ = (1/T) Σ_m Σ_t ẽ_{mt} ẽ_{mt}ᵀ`` (paper eq 2 / App. E).
 
@@ -245,7 +272,7 @@ def build_kfac(ctx: BuildContext, **options) -> KroneckerBlockDiagonal:
     N = cap.num_data
     factors = KFACFactors(
         layers=tuple(ctx.layers),
-        A=tuple(input_factor(a, N) for a in cap.a),
+        A=tuple(input_factor_of(layer, a, N) for layer, a in zip(ctx.layers, cap.a)),
         B=tuple(output_factor(e) for e in cap.e),
         num_data=N,
         kind=ctx.kind,
@@ -275,7 +302,7 @@ def build_foof(ctx: BuildContext, **options) -> KroneckerBlockDiagonal:
     N = ctx.num_data
     factors = KFACFactors(
         layers=tuple(ctx.layers),
-        A=tuple(input_factor(ai, N) for ai in a),
+        A=tuple(input_factor_of(layer, ai, N) for layer, ai in zip(ctx.layers, a)),
         B=(None,) * len(a),
         num_data=N,
         kind=None,

@@ -15,6 +15,7 @@ from curvkit.linalg.dense import Dense
 from curvkit.linalg.diagonal import Diagonal
 from curvkit.linalg.kronecker import Kronecker
 from curvkit.linalg.lowrank import DenseFactor, LowRankFactor, ScaledFactor, StackedFactor
+from curvkit.linalg.onehot import OneHotFactor
 from curvkit.linalg.operator import LinearOperator
 from curvkit.linalg.outer import OuterProductFactor
 from curvkit.linalg.woodbury import Woodbury
@@ -25,6 +26,8 @@ __all__ = ["operator_state", "operator_from_state"]
 def _factor_state(f: LowRankFactor) -> dict:
     if isinstance(f, OuterProductFactor):
         return {"type": "outer", "a": f.a, "e": f.e, "gram_route": f.gram_route}
+    if isinstance(f, OneHotFactor):
+        return {"type": "onehot", "idx": f.idx, "e": f.e, "num_rows": f.V}
     if isinstance(f, DenseFactor):
         return {"type": "dense", "U": f.U}
     if isinstance(f, StackedFactor):
@@ -32,13 +35,15 @@ def _factor_state(f: LowRankFactor) -> dict:
     if isinstance(f, ScaledFactor):
         return {"type": "scaled", "scale": f.scale, "factor": _factor_state(f.factor)}
     raise TypeError(f"cannot save a {type(f).__name__} factor; supported: OuterProductFactor, "
-                    "DenseFactor, StackedFactor, ScaledFactor")
+                    "OneHotFactor, DenseFactor, StackedFactor, ScaledFactor")
 
 
 def _factor_from(s: dict) -> LowRankFactor:
     t = s["type"]
     if t == "outer":
         return OuterProductFactor(s["a"], s["e"], s["gram_route"])
+    if t == "onehot":
+        return OneHotFactor(s["idx"], s["e"], s["num_rows"])
     if t == "dense":
         return DenseFactor(s["U"])
     if t == "stacked":

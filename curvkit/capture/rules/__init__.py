@@ -35,6 +35,7 @@ from curvkit.capture.rules.base import ExplicitAdapter, LayerAdapter, Unsupporte
 from curvkit.capture.rules.conv import CONVS, TRANSPOSED, ConvAdapter, ConvTransposeAdapter
 from curvkit.capture.rules.conv1d_hf import QUALNAME as _HF_CONV1D
 from curvkit.capture.rules.conv1d_hf import HFConv1DAdapter
+from curvkit.capture.rules.embedding import EmbeddingAdapter
 from curvkit.capture.rules.linear import LinearAdapter
 from curvkit.capture.rules.norm import (
     BatchNormAdapter,
@@ -122,6 +123,7 @@ for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
 register_rule(nn.LayerNorm, LayerNormAdapter)
 register_rule(nn.GroupNorm, GroupNormAdapter)
 register_rule(nn.RMSNorm, RMSNormAdapter)
+register_rule(nn.Embedding, EmbeddingAdapter)
 
 __all__ = ["LayerAdapter", "ExplicitAdapter", "UnsupportedLayerError", "register_rule",
            "unregister_rule", "rule_for", "resolve_rule", "rules"]

@@ -76,6 +76,9 @@ class LayerAdapter:
     family: ClassVar[str] = "linear"
     #: Parameter names (own parameters of the module) this rule captures; others go generic.
     handles: ClassVar[tuple[str, ...]] = ("weight", "bias")
+    #: ``a`` holds one-hot indices ``(N, T, 1)`` instead of dense inputs (embeddings); read it
+    #: through :meth:`project_inputs`, :meth:`input_norms` and :meth:`factor`.
+    one_hot: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -173,6 +176,14 @@ class LayerAdapter:
             a = x.reshape(1, 1, -1)
         return self.with_bias_column(a)
 
+    def per_sample_output(self, x: Tensor, output: Tensor, batch_size: int | None) -> Tensor:
+        """The output the capture records and the model continues with (default: ``output``).
+
+        A rule may expand an output shared by the whole batch (a lookup broadcast over it) to
+        ``N`` rows, so that its output gradients are per sample.
+        """
+        return output
+
     def with_bias_column(self, a: Tensor) -> Tensor:
         """``a`` restricted to the selected columns: weight columns and/or a ones column."""
         cols = [a] if self.weight else []
@@ -196,7 +207,8 @@ class LayerAdapter:
         for p in self.parameters():
             offsets[id(p)] = off
             off += p.numel()
-            flat.append(grads[id(p)].reshape(-1))
+            g = grads[id(p)]
+            flat.append((g.to_dense() if g.is_sparse else g).reshape(-1))  # Embedding(sparse=True)
         return torch.cat(flat)[self.layer_index(offsets).to(flat[0].device)].reshape(
             self.d_out, self.d_in)
 
@@ -207,6 +219,14 @@ class LayerAdapter:
     def factor(self, a: Tensor, e: Tensor) -> LowRankFactor:
         """The layer's block ``U_l`` of ``G`` (Gram, products, squared row norms)."""
         return OuterProductFactor(a, e)
+
+    def project_inputs(self, a: Tensor, Q: Tensor) -> Tensor:
+        """``a_{nt}ᵀ Q`` per location, ``(N·T, K)`` for ``Q`` of shape ``(d_in, K)``."""
+        return a.reshape(-1, a.shape[-1]).to(Q.dtype) @ Q
+
+    def input_norms(self, a: Tensor, dtype: torch.dtype) -> Tensor:
+        """``‖a_{nt}‖`` per location, ``(N, T)``."""
+        return torch.linalg.vector_norm(a.to(dtype), dim=-1)
 
     def check(self) -> None:
         """Raise :class:`UnsupportedLayerError` for configurations the rule cannot represent."""
