@@ -2,25 +2,31 @@
 
 Task (generated in code, nothing downloaded): sequences of ``--seq`` tokens from a random sparse
 Markov chain over ``--vocab`` tokens (each token has ``--branch`` likely successors, so the next
-token is genuinely uncertain); the model predicts the **last token from its prefix** (logits of
-the last position, ``(N, V)``). The model is Hugging Face GPT-2 built from a config with random
-weights (``--layers`` × ``--width``), frozen; peft LoRA adapters (rank ``--rank`` on ``c_attn``,
-``c_proj``, ``c_fc``) are trained briefly with Adam, then made Bayesian:
+token is genuinely uncertain); the model is a causal language model: **every position predicts
+the next token** (logits ``(N, T, V)``, ``T = seq − 1`` loss terms per sequence). The model is
+Hugging Face GPT-2 built from a config with random weights (``--layers`` × ``--width``), frozen;
+peft LoRA adapters (rank ``--rank`` on ``c_attn``, ``c_proj``, ``c_fc``) are trained briefly with
+Adam on the mean next-token cross-entropy, then made Bayesian:
 
-* **curvkit full**: ``Λ = δI + n·F`` with ``F`` the MC Fisher (one sampled label per predicted
-  token, ``F = (1/N) Σ_n g(ŷ_n) g(ŷ_n)ᵀ``) of the ``n`` training sequences (``--fit``; default
-  all), never formed as ``P × P`` (Woodbury / determinant lemma, Benzing 2022 App. C.1); the prior
-  precision ``δ`` maximises the Laplace evidence; predictive: linearised (GLM) with the probit
-  approximation;
+* **curvkit full**: ``Λ = δI + n·F`` with ``F`` the MC Fisher over **every token** (one label
+  sampled per position, ``F = (1/(N·T)) Σ_n g_n gₙᵀ`` with ``g_n = Σ_t ∇ℓ_{nt}(ŷ_{nt})``, one
+  Woodbury column per sequence) and ``n`` the number of training tokens, never formed as
+  ``P × P`` (Woodbury / determinant lemma, Benzing 2022 App. C.1); the prior precision ``δ``
+  maximises the Laplace evidence; predictive: ``--samples`` exact posterior draws of the adapters
+  (the network's softmax averaged, per position; the per-position GLM predictive needs ``T·V``
+  Jacobian rows per sequence, too slow at this size on a CPU);
 * **curvkit kfac / diag** on the same Fisher batch, same prior selection;
 * **laplace-torch** ``KronLaplace`` and ``DiagLaplace`` (GGN, ``subset_of_weights="all"`` with only
-  the adapters requiring grad), fitted on the same sequences, ``optimize_prior_precision
-  (method="marglik")``, GLM probit predictive. laplace-torch's ``FullLaplace`` would store a
-  ``P × P`` matrix; its size is printed instead of running it when it exceeds ``--full-max-gb``.
+  the adapters requiring grad), same prior selection, the same sampled predictive. laplace-torch takes
+  ``(N, C)`` outputs only, so each token is a separate input there: the prefix ``x_{≤t}`` with
+  the last position's logits (the same likelihood, since the LM is causal; ``T`` forwards per
+  sequence, batched by prefix length). ``FullLaplace`` (``P × P``) runs with
+  ``--laplace-torch-full`` (and ``--quick``) when it fits ``--full-max-gb``.
 
-Reported per method on held-out sequences: NLL, ECE (15 equal-width bins), accuracy, wall time
-(fit + prior selection), and the peak resident memory above the start of the method (sampled
-every 5 ms). ``--quick`` runs a tiny configuration in seconds (used by the smoke test).
+Reported per method on held-out sequences (every token): NLL, ECE (15 equal-width bins),
+accuracy, wall time (fit + prior selection + test predictive), and the peak resident memory above
+the start of the method (sampled every 5 ms). ``--quick`` runs a tiny configuration in seconds
+(used by the smoke test).
 
 Run: ``python examples/lora_laplace.py [--quick] [--no-progress]``.
 """
@@ -43,7 +49,8 @@ from curvkit.table import format_table  # noqa: E402
 
 # ---------------------------------------------------------------------------- data and model
 def markov_data(num: int, seq: int, vocab: int, branch: int, g: torch.Generator):
-    """``num`` sequences of a random sparse Markov chain: ``(input_ids (num, seq−1), last)``."""
+    """``num`` sequences of a random sparse Markov chain: ``(input_ids, next tokens)``, both
+    ``(num, seq − 1)``."""
     logits = torch.full((vocab, vocab), -1e9)
     gt = torch.Generator().manual_seed(1234)  # the chain itself is fixed
     for v in range(vocab):
@@ -54,11 +61,22 @@ def markov_data(num: int, seq: int, vocab: int, branch: int, g: torch.Generator)
     x[:, 0] = torch.randint(0, vocab, (num,), generator=g)
     for t in range(1, seq):
         x[:, t] = torch.multinomial(P[x[:, t - 1]], 1, generator=g)[:, 0]
-    return x[:, :-1].contiguous(), x[:, -1].contiguous()
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+class Tokens(nn.Module):
+    """``input_ids -> logits (N, T, V)`` of a causal LM: every position is a loss term."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids).logits
 
 
 class LastToken(nn.Module):
-    """``input_ids -> logits of the last position (N, V)`` of a causal LM."""
+    """``prefix -> logits of its last position (N, V)``: one token per input (laplace-torch)."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
@@ -68,7 +86,23 @@ class LastToken(nn.Module):
         return self.lm(input_ids=input_ids).logits[:, -1]
 
 
-def build_model(layers: int, width: int, vocab: int, seq: int, rank: int) -> LastToken:
+class PrefixLoader:
+    """Batches ``(x[:, :t+1], y[:, t])`` of every prefix length: each token one (N, V) datum."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> None:
+        self.x, self.y, self.batch = x, y, batch
+        self.dataset = range(x.numel())  # laplace-torch reads N = len(loader.dataset)
+
+    def __iter__(self):
+        for t in range(self.x.shape[1]):
+            for i in range(0, self.x.shape[0], self.batch):
+                yield self.x[i:i + self.batch, :t + 1], self.y[i:i + self.batch, t]
+
+    def __len__(self) -> int:
+        return self.x.shape[1] * -(-self.x.shape[0] // self.batch)
+
+
+def build_model(layers: int, width: int, vocab: int, seq: int, rank: int) -> nn.Module:
     import peft
     import transformers
 
@@ -81,12 +115,14 @@ def build_model(layers: int, width: int, vocab: int, seq: int, rank: int) -> Las
     lm = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
         r=rank, lora_alpha=2 * rank, target_modules=["c_attn", "c_proj", "c_fc"],
         lora_dropout=0.0, fan_in_fan_out=True))
-    return LastToken(lm)
+    return lm
 
 
 # ---------------------------------------------------------------------------- metrics
 def nll_ece_acc(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> tuple[float, float, float]:
-    probs = probs.double().clamp_min(1e-12)
+    """Per-token NLL, ECE and accuracy of probabilities ``(…, V)`` for labels ``(…)``."""
+    probs = probs.double().clamp_min(1e-12).reshape(-1, probs.shape[-1])
+    y = y.reshape(-1)
     nll = float(-probs.log().gather(1, y[:, None]).mean())
     conf, pred = probs.max(1)
     correct = (pred == y).double()
@@ -124,27 +160,38 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------------------- methods
-def curvkit_posterior(model, x_fit, y_fit, x_test, num_data, structure, generator):
+def curvkit_posterior(lm, x_fit, y_fit, x_te, num_data, structure, generator, samples):
+    """curvkit on the per-position logits: MC Fisher over every token of ``x_fit``."""
     from curvkit.laplace import LaplacePosterior
 
-    post = LaplacePosterior(model, x_fit, y_fit, kind="mc", structure=structure,
+    post = LaplacePosterior(Tokens(lm), x_fit, y_fit, kind="mc", structure=structure,
                             num_data=num_data, generator=generator, prior_precision=1.0)
+    terms = post.curvature.info["num_loss_terms"]
+    if terms != y_fit.numel():
+        raise RuntimeError(f"the Fisher has {terms} loss terms, expected every token ({y_fit.numel()})")
     post.optimize_prior_precision()
-    probs = post.predictive(x_test, pred_type="glm", link_approx="probit")
+    probs = post.predictive(x_te, pred_type="nn", n_samples=samples,
+                            generator=torch.Generator().manual_seed(2))
     delta = post.prior_precision
     return probs, float(delta.reshape(-1)[0]) if torch.is_tensor(delta) else float(delta)
 
 
-def laplace_torch_posterior(model, x_fit, y_fit, x_test, structure, batch):
+def laplace_torch_posterior(lm, x_fit, y_fit, x_te, structure, batch, samples):
+    """laplace-torch on prefixes (one token per input), GGN, marglik prior, sampled predictive."""
     from laplace import Laplace
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_fit, y_fit),
-                                         batch_size=batch)
-    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure)
-    la.fit(loader, progress_bar=False)
+    la = Laplace(LastToken(lm), "classification", subset_of_weights="all",
+                 hessian_structure=structure)
+    la.fit(PrefixLoader(x_fit, y_fit, batch), progress_bar=False)
     la.optimize_prior_precision(method="marglik")
+    T = x_te.shape[1]
+    probs = torch.empty(*x_te.shape, lm.config.vocab_size)
+    torch.manual_seed(2)
     with torch.no_grad():
-        probs = la(x_test, pred_type="glm", link_approx="probit")
+        for t in range(T):
+            for i in range(0, x_te.shape[0], batch):
+                probs[i:i + batch, t] = la(x_te[i:i + batch, :t + 1], pred_type="nn",
+                                           link_approx="mc", n_samples=samples)
     return probs, float(la.prior_precision.reshape(-1)[0])
 
 
@@ -164,13 +211,17 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=32, help="posterior samples of the predictive")
     ap.add_argument("--full-max-gb", type=float, default=2.0)
+    ap.add_argument("--laplace-torch-full", action="store_true",
+                    help="also run laplace-torch FullLaplace (P × P; on every prefix: slow)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
         args.layers, args.width, args.vocab, args.seq, args.rank = 1, 16, 8, 6, 2
-        args.train, args.test, args.steps, args.batch = 64, 32, 10, 16
+        args.train, args.test, args.steps, args.batch, args.samples = 64, 32, 10, 16, 8
+        args.laplace_torch_full = True
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
@@ -178,14 +229,16 @@ def main(argv=None) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     x_tr, y_tr = markov_data(args.train, args.seq, args.vocab, args.branch, g)
     x_te, y_te = markov_data(args.test, args.seq, args.vocab, args.branch, g)
-    model = build_model(args.layers, args.width, args.vocab, args.seq, args.rank)
+    lm = build_model(args.layers, args.width, args.vocab, args.seq, args.rank)
+    model = Tokens(lm)
     params = [p for p in model.parameters() if p.requires_grad]
     P = sum(p.numel() for p in params)
     opt = torch.optim.Adam(params, lr=args.lr)
     bar = tqdm(range(args.steps), desc="train LoRA", disable=args.no_progress, file=sys.stderr)
     for _ in bar:
         idx = torch.randint(0, args.train, (args.batch,), generator=g)
-        loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+        logits = model(x_tr[idx])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, args.vocab), y_tr[idx].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -196,29 +249,28 @@ def main(argv=None) -> list[dict]:
     rows = []
     with torch.no_grad():
         t0 = time.perf_counter()
-        probs = torch.softmax(model(x_te), 1)
+        probs = torch.softmax(model(x_te), -1)
         rows.append(dict(method="MAP (no Laplace)", seconds=time.perf_counter() - t0, peak_gb=0.0,
                          prior=None, metrics=nll_ece_acc(probs, y_te)))
+    S = args.samples
+    n_tokens = y_fit.numel()  # n: every fitted token is a loss term (as laplace-torch's N)
     methods = [("curvkit full (Woodbury, MC)", lambda: curvkit_posterior(
-                   model, x_fit, y_fit, x_te, n_fit, "full",
-                   torch.Generator().manual_seed(1))),
+                   lm, x_fit, y_fit, x_te, n_tokens, "full", torch.Generator().manual_seed(1), S)),
                ("curvkit kfac (MC)", lambda: curvkit_posterior(
-                   model, x_fit, y_fit, x_te, n_fit, "kfac",
-                   torch.Generator().manual_seed(1))),
+                   lm, x_fit, y_fit, x_te, n_tokens, "kfac", torch.Generator().manual_seed(1), S)),
                ("curvkit diag (MC)", lambda: curvkit_posterior(
-                   model, x_fit, y_fit, x_te, n_fit, "diag",
-                   torch.Generator().manual_seed(1)))]
+                   lm, x_fit, y_fit, x_te, n_tokens, "diag", torch.Generator().manual_seed(1), S))]
     try:
         import laplace  # noqa: F401
 
         methods += [("laplace-torch kron (GGN)", lambda: laplace_torch_posterior(
-                        model, x_fit, y_fit, x_te, "kron", args.batch)),
+                        lm, x_fit, y_fit, x_te, "kron", args.batch, S)),
                     ("laplace-torch diag (GGN)", lambda: laplace_torch_posterior(
-                        model, x_fit, y_fit, x_te, "diag", args.batch))]
+                        lm, x_fit, y_fit, x_te, "diag", args.batch, S))]
         full_gb = 8 * P * P / 1e9
-        if full_gb <= args.full_max_gb:
+        if full_gb <= args.full_max_gb and args.laplace_torch_full:
             methods.append(("laplace-torch full (GGN)", lambda: laplace_torch_posterior(
-                model, x_fit, y_fit, x_te, "full", args.batch)))
+                lm, x_fit, y_fit, x_te, "full", args.batch, S)))
     except ImportError:
         full_gb = None
     for name, run in tqdm(methods, desc="posteriors", disable=args.no_progress, file=sys.stderr):
@@ -230,7 +282,8 @@ def main(argv=None) -> list[dict]:
                          metrics=nll_ece_acc(probs.detach(), y_te)))
     print(f"GPT-2 {args.layers}×{args.width}, vocab {args.vocab}, LoRA rank {args.rank}: "
           f"P = {P} adapter parameters; {args.train} training / {n_fit} posterior-fit / "
-          f"{args.test} test sequences of {args.seq} tokens")
+          f"{args.test} test sequences of {args.seq} tokens ({args.seq - 1} next-token loss terms "
+          f"each: {n_tokens} fitted tokens, the MC Fisher over every one)")
     print(format_table(["method", "test NLL", "ECE", "accuracy", "time s", "peak GB", "prior δ"],
                        [[r["method"], *r["metrics"][:2], r["metrics"][2], r["seconds"],
                          r["peak_gb"], r["prior"]] for r in rows],
@@ -238,6 +291,9 @@ def main(argv=None) -> list[dict]:
     if full_gb is not None and full_gb > args.full_max_gb:
         print(f"laplace-torch FullLaplace not run: its P × P posterior precision needs "
               f"{full_gb:.1f} GB (float64) at P = {P}; curvkit's full posterior above never forms it.")
+    elif full_gb is not None and not args.laplace_torch_full:
+        print(f"laplace-torch FullLaplace not run (pass --laplace-torch-full): P × P = "
+              f"{full_gb:.2f} GB at P = {P}, its GGN from the Jacobians of all {n_tokens} prefixes.")
     return rows
 
 

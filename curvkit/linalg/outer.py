@@ -96,9 +96,13 @@ class OuterProductFactor(LowRankFactor):
             e = self.e[:, 0, :].reshape(self.N, self.R, self.d_out)
             return torch.bmm(e, VA.transpose(1, 2)).reshape(self.rank, k)
         V = X.T.reshape(k, self.d_out, self.d_in)
-        VA = torch.einsum("ntd,kod->ntok", self.a, V)  # (N, T, o, k)
         e = self.e.reshape(self.N, self.R, self.T, self.d_out)
-        return torch.einsum("nrto,ntok->nrk", e, VA).reshape(self.rank, k)
+        step = max(1, CHUNK_BYTES // max(1, 8 * self.N * self.T * self.d_out))  # bounds VA
+        out = []
+        for j in range(0, k, step):
+            VA = torch.einsum("ntd,kod->ntok", self.a, V[j:j + step])  # (N, T, o, step)
+            out.append(torch.einsum("nrto,ntok->nrk", e, VA).reshape(self.rank, -1))
+        return torch.cat(out, 1) if out else X.new_zeros(self.rank, 0)
 
     @override
     def matmat(self, W: Tensor) -> Tensor:
@@ -285,6 +289,9 @@ class OuterProductFactor(LowRankFactor):
             Ke = self.e[:, 0, :].double() @ other.e[:, 0, :].double().T
             Ke.view(self.N, self.R, other.N, other.R).mul_(Ka[:, None, :, None])
             return Ke
+        if self.T > 1 and 8 * self.size * self.rank <= CHUNK_BYTES:
+            # locations: products through a, e cost T× the explicit factor's, formed once here
+            return self.dense(torch.float64).T @ other.dense(torch.float64)
         return super().cross_gram64(other)
 
     @override
