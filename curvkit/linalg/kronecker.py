@@ -20,14 +20,13 @@ footnote 2):
 ``B = None`` stands for the identity (FOOF: ``I ⊗ Â``, i.e. ``V ↦ V Â``; its exact damped inverse
 is ``V ↦ V (Â + λI)⁻¹``, one Cholesky).
 
-**Factorisations.** :meth:`Kronecker.factorize` returns a :class:`KroneckerInverse` holding the
-factorised damped inverse (the optimizers keep it between inversions). Inverses of damped factors
-``(S + λI)⁻¹`` are ``cholesky_inverse`` of one Cholesky factor (:func:`damped_inverse`), never
-solves against the identity. The dtype rule: ``S + λI`` is factorised in float32 only when the
-factor is float32 *and* the condition bound ``κ ≤ 1 + tr(S)/λ`` (``λ_max(S) ≤ tr S`` for PSD
-``S``) is at most :data:`FLOAT32_MAX_COND` (``10³``: float32 round-off then costs at most
-``~κ·ε₃₂ ≈ 10⁻⁴`` relative); otherwise, and whenever float32 Cholesky fails, in float64
-(:func:`~curvkit.linalg.damped_cholesky`, eigh fallback). Eigendecompositions (exact mode with a
+**Factorisations.** :meth:`Kronecker.factorize` returns a
+:class:`~curvkit.linalg.kronecker_inverse.KroneckerInverse` holding the factorised damped inverse
+(the optimizers keep it between inversions); each damped side ``(S + λI)⁻¹`` is the
+``cholesky_inverse`` of one Cholesky factor or, when it is applied rarely (the optimizers pass
+their inversion period), that Cholesky factor itself, never a solve against the identity; float32
+only where the damped factor is well conditioned. The cost and dtype rules are stated in
+:mod:`curvkit.linalg.kronecker_inverse`. Eigendecompositions (exact mode with a
 ``B``) are float64; when LAPACK's ``eigh`` does not converge (seen on rank-deficient float32
 factors with many zero rows), a trace-scaled shift ``τ = 10⁻¹²·tr(S)/n`` and then scipy's ``evr``
 driver are tried, with a ``RuntimeWarning`` once per factor name.
@@ -43,15 +42,19 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from curvkit.linalg.cholesky import damped_cholesky
+from curvkit.linalg.kronecker_inverse import (  # noqa: F401  (re-exported: the inversion rules)
+    FLOAT32_MAX_COND,
+    KroneckerInverse,
+    all_finite,
+    damped_inverse,
+    damped_side,
+    factorisation_dtype,
+)
 from curvkit.linalg.operator import Damping, LinearOperator, SingularError
 
 #: what to do instead of a per-parameter damping on a Kronecker block.
 _KRON_ALTERNATIVE = ("pass one damping per Kronecker block (a scalar, or a (P,) tensor constant on "
                      "each layer), or use structure='full' or 'diag' for per-parameter damping")
-
-#: Largest condition bound ``1 + tr(S)/λ`` at which a float32 ``S + λI`` is factorised in float32.
-FLOAT32_MAX_COND = 1e3
 
 _WARNED: set[str] = set()
 
@@ -68,48 +71,6 @@ def pi_damping(A: Tensor, B: Tensor | None, damping: float) -> tuple[float, floa
     if not math.isfinite(pi) or pi <= 0:
         pi = 1.0
     return pi * root, root / pi
-
-
-def factorisation_dtype(S: Tensor, damping: float) -> torch.dtype:
-    """The dtype ``S + λI`` is factorised in: float32 or float64.
-
-    float32 iff ``S`` is float32 and ``1 + tr(S)/λ ≤`` :data:`FLOAT32_MAX_COND` (a bound on its
-    condition number), else float64.
-    """
-    if S.dtype != torch.float32 or not damping > 0:
-        return torch.float64
-    tr = float(S.diagonal().sum())
-    return torch.float32 if math.isfinite(tr) and 1.0 + max(tr, 0.0) / damping <= FLOAT32_MAX_COND \
-        else torch.float64
-
-
-def damped_inverse(S: Tensor, damping: float, *, name: str = "factor",
-                   dtype: torch.dtype | None = None, allow_float32: bool = False) -> Tensor:
-    """``(S + λI)⁻¹`` for a symmetric PSD ``S``: ``cholesky_inverse`` of one Cholesky factor.
-
-    In float64 (eigh fallback), or, with ``allow_float32``, in :func:`factorisation_dtype`
-    (float32 when that is safe and succeeds; see the module doc).
-
-    Args:
-        S: ``(n, n)`` symmetric PSD factor.
-        damping: ``λ > 0``.
-        name: the factor's name for warnings and errors.
-        dtype: dtype of the result (default ``S.dtype``).
-        allow_float32: apply the float32 rule (the optimizers; curvature solves stay float64).
-
-    Returns:
-        The ``(n, n)`` inverse.
-
-    Raises:
-        SingularError: ``S + λI`` is singular.
-    """
-    out = S.dtype if dtype is None else dtype
-    if allow_float32 and factorisation_dtype(S, damping) == torch.float32:
-        A = S + damping * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-        L, info = torch.linalg.cholesky_ex(A)  # reads the lower triangle: no symmetrisation
-        if int(info) == 0:
-            return torch.cholesky_inverse(L).to(out)
-    return damped_cholesky(S, damping, name=name).inverse().to(out)
 
 
 def _warn_once(name: str, message: str) -> None:
@@ -145,103 +106,6 @@ def _sym_eigh(S: Tensor, name: str = "factor") -> tuple[Tensor, Tensor]:
     return s.clamp_min(0.0), U
 
 
-class KroneckerInverse:
-    """The factorised damped inverse of ``B ⊗ A``, applied as ``V ↦ inverse(vec_r V)``.
-
-    In matrix form (see the module doc for both damping modes).
-
-    ``mode="heuristic"`` holds ``A_inv = (A + λ_A I)⁻¹`` and ``B_inv = (B + λ_B I)⁻¹`` (``None`` for
-    ``B = I``) with the damping fixed; ``mode="exact"`` holds the eigendecompositions
-    ``s_A, U_A, s_B, U_B`` and takes ``λ`` at :meth:`solve_matrix`, except for ``B = I``, where it
-    holds ``A_inv = (A + λI)⁻¹`` (``λ`` fixed). Its :meth:`state_dict` is plain tensors and
-    floats (``torch.load(weights_only=True)`` reads it).
-
-    Attributes:
-        mode: ``"heuristic"`` or ``"exact"``.
-        damping: the damping ``λ`` it was factorised for.
-        lambda_A, lambda_B: the π-rule split of ``λ`` (heuristic damping, also reported in exact
-            mode).
-    """
-
-    _TENSORS = ("A_inv", "B_inv", "s_A", "U_A", "s_B", "U_B")
-
-    def __init__(self, mode: str, damping: float, lambda_A: float, lambda_B: float,
-                 **tensors: Tensor | None) -> None:
-        if mode not in Kronecker.damping_modes:
-            raise ValueError(f"unknown damping_mode {mode!r}; valid: {list(Kronecker.damping_modes)}")
-        self.mode, self.damping = mode, float(damping)
-        self.lambda_A, self.lambda_B = float(lambda_A), float(lambda_B)
-        self.tensors = {k: tensors.get(k) for k in self._TENSORS}
-
-    @property
-    def fixed_damping(self) -> bool:
-        """Whether the damping was fixed at factorisation time."""
-        return self.tensors["A_inv"] is not None
-
-    def _held(self, key: str) -> Tensor:
-        """The held tensor ``key`` (one of :attr:`_TENSORS` present in this mode)."""
-        if (t := self.tensors[key]) is None:
-            raise ValueError(f"this {self.mode} KroneckerInverse holds no {key}")
-        return t
-
-    def solve_matrix(self, V: Tensor, damping: float | None = None) -> Tensor:
-        """The damped inverse applied to ``V`` of shape ``(..., d_out, d_in)``.
-
-        Computed in ``V``'s dtype and device (the held tensors are cast to them; a no-op when
-        they match).
-
-        Args:
-            V: the matrices.
-            damping: ``λ`` for the eigendecomposition form (default: the factorisation's); must
-                equal it when the damping was fixed.
-
-        Returns:
-            Tensor shaped like ``V``.
-        """
-        lam = self.damping if damping is None else float(damping)
-        t = self.tensors
-        if self.fixed_damping:
-            if lam != self.damping:
-                raise ValueError(f"this inverse was factorised for damping {self.damping}, not {lam}; "
-                                 "factorize again")
-            out = V @ self._held("A_inv").to(V)
-            B_inv = t["B_inv"]
-            return out if B_inv is None else B_inv.to(V) @ out
-        UA, UB = self._held("U_A").to(V), self._held("U_B").to(V)
-        denom = self._held("s_B").to(V)[:, None] * self._held("s_A").to(V)[None, :] + lam
-        if (denom <= 0).any():
-            raise SingularError(f"B ⊗ A + {lam}·I is singular; pass damping > 0")
-        return UB @ ((UB.T @ V @ UA) / denom) @ UA.T
-
-    def input_inverse(self) -> Tensor:
-        """``(A + λ_A I)⁻¹`` with the π-rule ``λ_A`` (App. D.9: KFAC without its second factor)."""
-        t = self.tensors
-        if self.mode == "heuristic":
-            return self._held("A_inv")
-        if t["U_A"] is None:
-            raise ValueError("input_inverse needs the eigendecomposition or the heuristic mode")
-        UA = self._held("U_A")
-        return (UA / (self._held("s_A") + self.lambda_A)) @ UA.T
-
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-           ) -> KroneckerInverse:
-        """A copy with the tensors cast (``None``: unchanged)."""
-        cast = {k: None if v is None else v.to(dtype=dtype or v.dtype, device=device or v.device)
-                for k, v in self.tensors.items()}
-        return KroneckerInverse(self.mode, self.damping, self.lambda_A, self.lambda_B, **cast)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain tensors, numbers and a bool (no strings: ``torch.optim`` loading iterates them)."""
-        return {"heuristic": self.mode == "heuristic", "damping": self.damping,
-                "lambda_A": self.lambda_A, "lambda_B": self.lambda_B, **self.tensors}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> KroneckerInverse:
-        """Inverse of :meth:`state_dict` (no computation)."""
-        return cls("heuristic" if state["heuristic"] else "exact", state["damping"],
-                   state["lambda_A"], state["lambda_B"], **{k: state.get(k) for k in cls._TENSORS})
-
-
 class Kronecker(LinearOperator):
     """``B ⊗ A`` (row-major), ``A ∈ R^{d_in×d_in}``, ``B ∈ R^{d_out×d_out}`` (``None`` = ``I``).
 
@@ -261,7 +125,7 @@ class Kronecker(LinearOperator):
         if B is None and d_out is None:
             raise ValueError("pass d_out when B is None (identity)")
         for nm, F in (("A", A), ("B", B)):
-            if F is not None and not torch.isfinite(F).all():
+            if F is not None and not all_finite(F):
                 raise FloatingPointError(f"{name or 'Kronecker'}: factor {nm} has non-finite entries")
         self.A, self.B = A, B
         self.d_in = A.shape[0]
@@ -280,16 +144,22 @@ class Kronecker(LinearOperator):
         return self._eig
 
     def factorize(self, damping: float, damping_mode: str = "exact",  # type: ignore[override]  # own object
-                  dtype: torch.dtype | None = None, allow_float32: bool = False) -> KroneckerInverse:
+                  dtype: torch.dtype | None = None, allow_float32: bool = False,
+                  uses: int | None = None) -> KroneckerInverse:
         """The factorised damped inverse (module doc), its tensors in ``dtype`` (default float64).
 
         Args:
             damping: ``λ > 0``.
             damping_mode: ``"exact"`` (standard damping) or ``"heuristic"``.
-            dtype: dtype of the held tensors.
+            dtype: dtype of the held inverses and eigendecompositions (a held Cholesky factor
+                keeps its factorisation dtype).
             allow_float32: Cholesky factorisations of float32 factors may run in float32 where
-                the module doc's rule says it is safe (the optimizers); eigendecompositions are
-                always float64.
+                the dtype rule of :mod:`~curvkit.linalg.kronecker_inverse` says it is safe (the
+                optimizers); eigendecompositions are always float64.
+            uses: how often the result will be applied (the optimizers' inversion period);
+                damped sides applied rarely enough keep their Cholesky factor instead of the
+                inverse (:func:`~curvkit.linalg.kronecker_inverse.holds_factor`). ``None``:
+                always the inverses.
 
         Returns:
             A :class:`KroneckerInverse`.
@@ -299,12 +169,18 @@ class Kronecker(LinearOperator):
         dt = torch.float64 if dtype is None else dtype
         lam_a, lam_b = self.damping_split(damping)
         if damping_mode == "heuristic" or self.B is None:
-            if damping_mode == "heuristic":
-                Bi, Ai = self.heuristic_inverses(damping, dt, allow_float32)
-            else:  # (I ⊗ A + λI)⁻¹ = I ⊗ (A + λI)⁻¹
-                Bi, Ai = None, damped_inverse(self.A, damping, name=f"{self.name}.A", dtype=dt,
-                                              allow_float32=allow_float32)
-            return KroneckerInverse(damping_mode, damping, lam_a, lam_b, A_inv=Ai, B_inv=Bi)
+            if damping_mode == "heuristic" and uses is None:
+                Bh, Ah = self.heuristic_inverses(damping, dt, allow_float32)
+                return KroneckerInverse(damping_mode, damping, lam_a, lam_b, A_inv=Ah, B_inv=Bh)
+            # exact mode with B = I: (I ⊗ A + λI)⁻¹ = I ⊗ (A + λI)⁻¹
+            side_a = lam_a if damping_mode == "heuristic" else damping
+            opts: dict[str, Any] = dict(uses=uses, dtype=dt, allow_float32=allow_float32)
+            Ai, Ac = damped_side(self.A, side_a, k=self.d_out, name=f"{self.name}.A", **opts)
+            Bi = Bc = None
+            if damping_mode == "heuristic" and self.B is not None:
+                Bi, Bc = damped_side(self.B, lam_b, k=self.d_in, name=f"{self.name}.B", **opts)
+            return KroneckerInverse(damping_mode, damping, lam_a, lam_b, A_inv=Ai, B_inv=Bi,
+                                    A_chol=Ac, B_chol=Bc)
         sA, UA, sB, UB = self.eig()
         if sB is None or UB is None:  # B is not None here
             raise RuntimeError(f"{self.name}: the eigendecomposition of B is missing")

@@ -98,12 +98,14 @@ class FOOF(FactoredOptimizer):
     def _invert(self, i: int, factors: dict[str, Tensor], damping: float) -> dict[str, Any]:
         """``(Â + λI)⁻¹`` of the operator ``I ⊗ Â``.
 
-        By :meth:`curvkit.linalg.Kronecker.factorize` (``cholesky_inverse``; float32 only where
-        the damped factor is well conditioned).
+        By :meth:`curvkit.linalg.Kronecker.factorize` (``cholesky_inverse``, or the Cholesky
+        factor itself when it is applied rarely: ``T = 1``; float32 only where the damped factor
+        is well conditioned).
         """
         A = factors["A"]
         K = Kronecker(None, A, d_out=self.layers[i].d_out, name=f"FOOF[{self.layers[i].name}]")
-        return K.factorize(damping, "exact", dtype=A.dtype, allow_float32=True).state_dict()
+        return K.factorize(damping, "exact", dtype=A.dtype, allow_float32=True,
+                           uses=self.schedule.inv_period).state_dict()
 
     def _precondition(self, i: int, pieces: dict[str, Any], M: Tensor, damping: float) -> Tensor:
         return KroneckerInverse.from_state_dict(pieces).solve_matrix(M)

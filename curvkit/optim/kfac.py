@@ -60,8 +60,9 @@ class KFAC(FactoredOptimizer):
     layer): for convolutions this is the KFC convention (Grosse & Martens 2016), ``B̂ ⊗ Â ≈ Fisher
     block`` under spatial homogeneity. The inverses are held as a factorised
     :class:`curvkit.linalg.Kronecker` inverse (:meth:`~curvkit.linalg.Kronecker.factorize`:
-    ``cholesky_inverse`` of the damped factors, in float32 only where the damped factor is well
-    conditioned, eigendecompositions in float64). Heuristic damping is fixed at inversion time;
+    ``cholesky_inverse`` of the damped factors, or with ``inv_period=1`` their Cholesky factors
+    applied by triangular solves, in float32 only where the damped factor is well conditioned;
+    eigendecompositions in float64). Heuristic damping is fixed at inversion time;
     standard damping is applied each step with the current ``λ``.
 
     The sampled-label errors come from an extra backward pass the optimizer arranges itself: a
@@ -197,19 +198,21 @@ class KFAC(FactoredOptimizer):
         """The factorised damped inverse of ``B̂ ⊗ Â`` as plain tensors.
 
         By :meth:`curvkit.linalg.Kronecker.factorize`, in the factors' dtype (which follows
-        ``model.to(dtype)``).
+        ``model.to(dtype)``); each damped side is applied ``T`` times, which decides whether it
+        is held as an inverse or as its Cholesky factor.
         """
         A = factors["A"]
         K = Kronecker(factors["B"], A, name=f"KFAC[{self.layers[i].name}]")
-        return K.factorize(damping, self.damping_mode, dtype=A.dtype, allow_float32=True).state_dict()
+        return K.factorize(damping, self.damping_mode, dtype=A.dtype, allow_float32=True,
+                           uses=self.schedule.inv_period).state_dict()
 
     def _precondition(self, i: int, pieces: dict[str, Any], M: Tensor, damping: float) -> Tensor:
         inv = KroneckerInverse.from_state_dict(pieces)  # heuristic: λ fixed at inversion time
         return inv.solve_matrix(M, None if inv.fixed_damping else damping)
 
-    def _foof_inverse(self, pieces: dict[str, Any]) -> Tensor:
-        """``(Â + λ_A I)⁻¹`` with KFAC's ``λ_A`` (D.9)."""
-        return KroneckerInverse.from_state_dict(pieces).input_inverse()
+    def _foof_direction(self, pieces: dict[str, Any], M: Tensor) -> Tensor:
+        """``M (Â + λ_A I)⁻¹`` with KFAC's ``λ_A`` (D.9)."""
+        return KroneckerInverse.from_state_dict(pieces).solve_input(M)
 
     def _directions(self, plan: Plan, variant: str = "kfac", rescale: str | None = None
                     ) -> list[Tensor | None]:
@@ -222,7 +225,7 @@ class KFAC(FactoredOptimizer):
                 out.append(None)
                 continue
             pieces = self._pieces(plan, i)
-            F = M @ self._foof_inverse(pieces).to(M)
+            F = self._foof_direction(pieces, M)
             if rescale == "lambda_b":
                 F = F / pieces["lambda_B"]
             elif rescale == "norm":
