@@ -14,7 +14,8 @@ unit), ``build`` (``curvkit.fisher(kind="mc", structure="full")`` -- forward, on
 MC sample to the layer outputs, the capture guard's extra backward -- plus
 ``F.factorize(λ)``, the Gram and its float64 Cholesky), ``build_nocheck`` (the same with
 ``check=False``), ``solve`` (one ``(F + λI)⁻¹ g`` for the loss gradient ``g`` on the factorised
-Fisher). They are interleaved: in each of ``--rounds`` rounds every contender runs once, the
+Fisher). They are interleaved: in each of ``--rounds`` rounds every contender is timed once
+(``torch.utils.benchmark.Timer`` after an untimed warm-up call, ``benchmarks/_common.py``), the
 order reversed every other round, so machine load cancels in the per-round ratios; the median
 and minimum of the per-round ratios to ``fwd+bwd`` are reported. Goal (issue 12): build ≤ 3×,
 solve ≤ 1×.
@@ -26,12 +27,10 @@ Run: ``python benchmarks/architectures.py [--quick] [--rounds 5] [--threads 2]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import curvkit  # noqa: E402
+from benchmarks._common import interleaved, write_json  # noqa: E402
 from curvkit.table import format_table  # noqa: E402
 
 LAMBDA = 1e-3
@@ -78,7 +78,7 @@ def gpt_case(layers: int, width: int, vocab: int, rank: int, N: int = 8, T: int 
     return name, model, {"input_ids": ids}, ids, lambda: model(input_ids=ids).logits, ids
 
 
-def measure(case, rounds: int, progress: bool = True) -> dict:
+def measure_case(case, rounds: int, progress: bool = True) -> dict:
     name, model, batch, targets, logits_fn, labels = case
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -109,16 +109,10 @@ def measure(case, rounds: int, progress: bool = True) -> dict:
     solve()  # warm-up
     contenders = {"fwd+bwd": fwd_bwd, "build": build, "build_nocheck": lambda: build(False),
                   "solve": solve}
+    # interleaved Timer rounds (benchmarks/_common.py): one warm-up + one timed call each
+    times = interleaved(contenders, rounds, min_run_time=0.0, progress=(lambda r: print(
+        f"  {name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)) if progress else None)
     names = list(contenders)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for k in order:
-            t0 = time.perf_counter()
-            contenders[k]()
-            times[k].append(time.perf_counter() - t0)
-        if progress:
-            print(f"  {name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
     base = times["fwd+bwd"]
     ratios = {k: [t / b for t, b in zip(times[k], base)] for k in names if k != "fwd+bwd"}
     F = state["F"]
@@ -156,7 +150,7 @@ def main(argv=None) -> None:
     cases = [resnet_case(args.resnet_n),
              gpt_case(args.gpt_layers, args.gpt_width, args.gpt_vocab, args.lora_rank,
                       T=16 if args.quick else 128)]
-    results = [measure(c, args.rounds) for c in cases]
+    results = [measure_case(c, args.rounds) for c in cases]
     rows = [[r["model"], r["P"], r["columns"], r["fwd_bwd_ms"], r["build_ratio_median"],
              r["build_ratio_min"], r["build_nocheck_ratio_median"], r["solve_ratio_median"],
              r["solve_ratio_min"], r["solve_rel_residual"]] for r in results]
@@ -168,10 +162,7 @@ def main(argv=None) -> None:
     out = {"settings": {**vars(args), "lambda": LAMBDA, "torch": torch.__version__,
                         "platform": platform.platform(), "cpu_count": os.cpu_count()},
            "results": results}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, out, indent=1)}")
 
 
 if __name__ == "__main__":

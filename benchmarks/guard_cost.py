@@ -7,28 +7,34 @@ float32, CPU. Per round, interleaved with the order switched each round (A B C, 
 * off:    ``curvkit.capture.capture(..., kind="mc", check=False)``;
 * on:     the same with ``check=True``.
 
-The guard's cost is ``on − off``; reported is the median over rounds of ``(on − off) / fb``.
-Run: ``PYTHONPATH=$PWD python benchmarks/guard_cost.py [--rounds 15] [--reps 5]``; writes JSON
-to stdout.
+Each contender and round is one ``torch.utils.benchmark.Timer`` ``blocked_autorange`` of at
+least ``--min-time`` seconds (``benchmarks/_common.py``; warm-up included). The guard's cost is
+``on − off``; reported is the median over rounds of ``(on − off) / fb``.
+Run: ``PYTHONPATH=$PWD python benchmarks/guard_cost.py [--rounds 15] [--min-time 0.5]``; writes
+JSON to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import time
+import sys
 
 import torch
 from torch import nn
 
-from curvkit.capture import capture, find_layers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import interleaved  # noqa: E402
+from curvkit.capture import capture, find_layers  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=0.5,
+                    help="seconds of timed calls per contender and round")
     args = ap.parse_args()
     torch.manual_seed(0)
     dims = [784, 1000, 1000, 1000, 10]
@@ -50,24 +56,12 @@ def main() -> None:
                                generator=torch.Generator().manual_seed(0), check=check)
 
     fns = {"fb": fb, "off": cap(False), "on": cap(True)}
-    for f in fns.values():  # warm-up
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    ratios = []
-    for r in range(args.rounds):
-        order = list(fns) if r % 2 == 0 else list(fns)[::-1]
-        t = {}
-        for k in order:
-            t0 = time.perf_counter()
-            for _ in range(args.reps):
-                fns[k]()
-            t[k] = (time.perf_counter() - t0) / args.reps
-            times[k].append(t[k])
-        ratios.append((t["on"] - t["off"]) / t["fb"])
+    times = interleaved(fns, args.rounds, min_run_time=args.min_time)
+    ratios = [(on - off) / f for on, off, f in zip(times["on"], times["off"], times["fb"])]
     out = {
         "model": "MLP 784-1000-1000-1000-10, no bias, tanh", "N": 100, "kind": "mc",
         "dtype": "float32", "threads": torch.get_num_threads(), "rounds": args.rounds,
-        "reps": args.reps,
+        "min_time_s": args.min_time,
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},
         "guard_over_forward_backward_median": statistics.median(ratios),
         "guard_over_forward_backward_quartiles": statistics.quantiles(ratios, n=4),

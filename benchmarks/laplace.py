@@ -38,10 +38,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks._common, after PYTHONPATH
+from benchmarks._common import run_worker  # noqa: E402
 
 CONFIGS = {
     "6k": {"widths": [64, 80, 10], "data": "digits"},
@@ -207,22 +209,6 @@ def summarise(rounds: list[dict]) -> dict:
     return out
 
 
-def run_one(spec: dict, timeout: float, pythonpath: str | None = None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timeout after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**spec, "error": " | ".join(tail)}
-    return json.loads(lines[-1])
-
-
 def _fmt(x, spec: str = ".2f") -> str:
     return "–" if x is None else format(x, spec)
 
@@ -304,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds: list[dict] = []
             for r in range(args.rounds):  # A B A B, order reversed every other round
                 order = contenders if r % 2 == 0 else contenders[::-1]
-                rounds.append({lib: run_one({**spec, "library": lib}, args.timeout, path)
+                rounds.append({lib: run_worker(__file__, {**spec, "library": lib}, args.timeout, path)
                                for lib, path in order})
             row["rounds"] = rounds
             row.update(summarise(rounds))

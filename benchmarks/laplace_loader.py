@@ -43,11 +43,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks._common, after PYTHONPATH
+from benchmarks._common import run_worker  # noqa: E402
 
 CONFIGS = {"17k": [40, 256, 24, 10], "300k": [40, 512, 512, 10]}
 STRUCTURES = {"diag": "DiagLaplace", "kfac": "KronLaplace", "full": "FullLaplace"}
@@ -190,19 +192,6 @@ def _distributed(spec: dict, out: dict) -> dict:
     return out
 
 
-def run_one(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timeout after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-2:]
-        return {**spec, "error": " | ".join(tail)}
-    return json.loads(lines[-1])
-
-
 def _f(x, spec=".2f"):
     return "–" if x is None else format(x, spec)
 
@@ -271,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                 lt_spec = dict(spec)
                 if lib == "laplace_torch" and args.lt_n and structure != "full":
                     lt_spec["N"] = args.lt_n
-                row[lib] = run_one({**lt_spec, "library": lib}, args.timeout)
+                row[lib] = run_worker(__file__, {**lt_spec, "library": lib}, args.timeout, tail=2)
             if not args.no_distributed:
-                row["curvkit_2"] = run_one({**spec, "library": "curvkit", "world": 2}, args.timeout)
+                spec2 = {**spec, "library": "curvkit", "world": 2}
+                row["curvkit_2"] = run_worker(__file__, spec2, args.timeout, tail=2)
             rows.append(row)
             print(json.dumps(row), flush=True)
     text = table(rows)

@@ -14,9 +14,10 @@ taken within a round and reported as median and min over rounds, so machine load
   ``prior_precision=1``) against laplace-torch ``KronLaplace`` / ``DiagLaplace`` (its default GGN
   backend, ``prior_precision=1``, fitted with DataLoader batches of 100: batch 1000 peaks at
   17 GB for DiagLaplace) on the same model and data, ``la(x_test, pred_type="glm",
-  link_approx="probit")``. One process per structure fits both posteriors, makes one warm-up
-  call of each, then ``--rounds`` rounds of one call each (curvkit first in even rounds,
-  laplace-torch first in odd ones); per-round ratios, median and min. The maximum absolute
+  link_approx="probit")``. One process per structure fits both posteriors, then ``--rounds``
+  rounds of one timed call each (``torch.utils.benchmark.Timer`` after an untimed warm-up call,
+  ``benchmarks/_common.py``; curvkit first in even rounds, laplace-torch first in odd ones);
+  per-round ratios, median and min. The maximum absolute
   difference of the two libraries' predictive probabilities is reported as a check that both
   compute the same thing.
 
@@ -37,10 +38,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks._common, after PYTHONPATH
+from benchmarks._common import interleaved, run_worker  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 N_FIT, N_TEST = 1000, 200
@@ -98,13 +101,8 @@ def peer_worker(spec: dict) -> dict:
     la.fit(DataLoader(TensorDataset(x, y), batch_size=100))  # batch 1000: 17 GB (diag)
     calls = {"curvkit": lambda: post(xt, pred_type="glm", link_approx="probit"),
              "laplace_torch": lambda: la(xt, pred_type="glm", link_approx="probit")}
-    probs = {k: f() for k, f in calls.items()}  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for r in range(spec["rounds"]):
-        for k in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-            t0 = time.perf_counter()
-            calls[k]()
-            times[k].append(time.perf_counter() - t0)
+    probs = {k: f() for k, f in calls.items()}  # the outputs compared below
+    times = interleaved(calls, spec["rounds"], min_run_time=0.0)  # Timer: warm-up + one timed call
     ratios = [a / b for a, b in zip(times["curvkit"], times["laplace_torch"])]
     return {**spec, "P": sum(p.numel() for p in model.parameters()), "times": times,
             "ratios": ratios, "max_abs_diff_probs": float((probs["curvkit"].double()
@@ -158,19 +156,6 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def run_one(spec: dict, timeout: float) -> dict:
-    """:func:`worker` in a fresh subprocess."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timeout after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {**spec, "error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}
-    return json.loads(lines[-1])
-
-
 def _stats(vals: list[float]) -> dict | None:
     return {"median": statistics.median(vals), "min": min(vals), "rounds": len(vals)} if vals else None
 
@@ -207,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         order = contenders if r % 2 == 0 else contenders[::-1]
         res = []
         for spec in order:
-            m = run_one(spec, args.timeout)
+            m = run_worker(__file__, spec, args.timeout)
             print(f"  round {r}: {spec['library']} {spec['structure']}: "
                   + (m["error"] if "error" in m else
                      f"fit {m['fit_s']:.2f} s, predictive {m['predictive_s']:.3f} s "
@@ -260,7 +245,8 @@ def main_peer(args, base: dict, structures: list[str], argv) -> int:
     """One process per structure (both libraries, interleaved calls; :func:`peer_worker`)."""
     rows, summary = [], {}
     for s in structures:
-        m = run_one({**base, "library": "both", "structure": s, "rounds": args.rounds}, args.timeout)
+        m = run_worker(__file__, {**base, "library": "both", "structure": s, "rounds": args.rounds},
+                       args.timeout)
         rows.append(m)
         if "error" in m:
             summary[s] = m["error"]

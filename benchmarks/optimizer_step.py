@@ -19,7 +19,8 @@ only, preconditioning only) are measured with update intervals 1 or "never", and
 the same amortised formula for each ``(T, S)``.
 
 **Interleaving.** Each of the ``--rounds`` rounds (default 5) times every method, in the order
-A B C … in even rounds and … C B A in odd ones; ratios (curvkit KFAC ÷ ASDL KFAC, FOOF ÷ KFAC,
+A B C … in even rounds and … C B A in odd ones, with the two sides of each reported ratio next
+to each other (:data:`TIMING_ORDER`); ratios (curvkit KFAC ÷ ASDL KFAC, FOOF ÷ KFAC,
 each ÷ SGD) are formed per round from that round's samples and reported as median / min / max
 over rounds, so slow drifts of a shared machine's load cancel.
 
@@ -27,21 +28,26 @@ A *step* is the whole training step ``zero_grad; loss = CE(model(x), y); backwar
 Steps of FOOF/KFAC fall into three kinds under Algorithm 1: *inversion* steps (``t ≡ 0 mod T``,
 factor update + inversion), *statistics* steps (factor EMA update, and KFAC's extra backward)
 and *plain* steps. Running full periods of ``T = 500`` steps for every optimizer does not fit a
-CPU budget, so the benchmark times samples of each kind (placing the step counter through
-``state_dict``/``load_state_dict``) and reports the amortised per-step time
+CPU budget, so the benchmark times samples of each kind and reports the amortised per-step time
 ``(t_inv + (S−1)·t_stats + (T−S)·t_plain) / T`` from the median time of each kind. All methods are
 timed round-robin in the same run, so ratios are measured side by side.
 
+**Timing** is ``torch.utils.benchmark.Timer`` (``benchmarks/_common.py``): per method, kind and
+round one ``blocked_autorange`` of at least ``--min-time`` seconds of single timed steps, after
+its own untimed warm-up step; its untimed setup places the step counter (through
+``state_dict``/``load_state_dict``) at a step of that kind before every timed step. ``--threads``
+fixes the torch thread count (Timer keeps it during the measurement).
+
 Usage::
 
-    python benchmarks/optimizer_step.py --out results/optimizer_step.json
+    python benchmarks/optimizer_step.py --threads 1 --out results/optimizer_step.json
     python benchmarks/optimizer_step.py --quick      # tiny sizes, seconds (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import os
 import platform
 import statistics
@@ -56,6 +62,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import measure, ratio_stats, write_json  # noqa: E402
 from curvkit.optim import FOOF, KFAC, FactoredOptimizer, NaturalGradient  # noqa: E402
 
 
@@ -170,7 +177,14 @@ def methods_for(model_name: str, quick: bool, batch: int) -> list[Method]:
         for kind, curv, inv in kinds:
             out.append(Method(f"ASDL KFAC [{kind}]", "asdl", lambda m, c=curv, i=inv: AsdlKfac(
                 m, lr=0.003, damping=0.01, batch=batch, curvature=c, inversion=i)))
-    return out
+    return sorted(out, key=lambda m: TIMING_ORDER.index(m.name))
+
+
+#: The order methods are timed in within a round (reversed every other round): the two sides of
+#: each reported ratio are neighbours, so they are measured close together in time.
+TIMING_ORDER = ["FOOF T=1", "KFAC T=1", "ASDL KFAC [inv]", "ASDL KFAC [stats]", "KFAC T=10",
+                "KFAC T=100", "FOOF T=10", "FOOF T=100", "ASDL KFAC [plain]", "KFAC T=500",
+                "FOOF T=500", "SGD", "Adam", "NaturalGradient"]
 
 
 # ---------------------------------------------------------------------- timing
@@ -190,43 +204,42 @@ def place(opt: FactoredOptimizer, t: int) -> None:
     opt.load_state_dict(sd)
 
 
-def kind_of(opt: FactoredOptimizer) -> str:
-    t = opt.step_count
+def step_of_kind(opt: FactoredOptimizer, kind: str) -> int:
+    """A future step counter ``t`` whose step is of ``kind`` (``"inv"``, ``"stats"``, ``"plain"``)."""
+    T = opt.schedule.inv_period
+    base = (opt.step_count // T + 1) * T
+    for t in range(base, base + T):
+        if kind_at(opt, t) == kind:
+            return t
+    raise ValueError(f"no {kind} step in a period of {type(opt).__name__} (T = {T})")
+
+
+def kind_at(opt: FactoredOptimizer, t: int) -> str:
     if opt.schedule.is_inversion(t):
         return "inv"
     return "stats" if opt.schedule.is_stats(t) else "plain"
 
 
-def timed(opt, model, batch) -> float:
-    t0 = time.perf_counter()
-    train_step(opt, model, *batch)
-    return time.perf_counter() - t0
+def run_round(m: Method, opt, model, batches, min_time: float) -> None:
+    """One round of timed steps for one method (see the module doc).
 
+    Each step kind is one ``torch.utils.benchmark.Timer`` measurement (``_common.measure``) whose
+    untimed setup places the step counter at a step of that kind before every timed step.
+    """
+    it = itertools.cycle(batches)
 
-def run_round(m: Method, opt, model, batches, n_plain: int, n_stats: int, n_simple: int) -> None:
-    """One round of timed steps for one method (see the module doc)."""
-    it = iter(batches * 100)
+    def step() -> None:
+        train_step(opt, model, *next(it))
+
     if isinstance(opt, FactoredOptimizer):
-        T, S = m.T, m.S
-        period = (opt.step_count // T + 1) * T  # next inversion step
-        if T - S >= 1 and n_plain:
-            place(opt, period - S - min(n_plain, T - S) + 1)
-            while kind_of(opt) == "plain":
-                m.times["plain"].append(timed(opt, model, next(it)))
-        k = min(S - 1, n_stats)
-        place(opt, period - k)
-        while True:
-            kind = kind_of(opt)
-            m.times[kind].append(timed(opt, model, next(it)))
-            if kind == "inv":
-                break
-        if T == 1:
-            for _ in range(n_simple - 1):
-                m.times["inv"].append(timed(opt, model, next(it)))
+        kinds = ["inv"] + (["stats"] if m.S > 1 else []) + (["plain"] if m.T > m.S else [])
+        for kind in kinds:
+            t = step_of_kind(opt, kind)
+            meas = measure(step, setup=lambda t=t: place(opt, t), min_run_time=min_time)
+            m.times[kind].extend(meas.times)
         return
     key = "inv" if m.family == "natural" else "plain"
-    for _ in range(n_simple):
-        m.times[key].append(timed(opt, model, next(it)))
+    m.times[key].extend(measure(step, min_run_time=min_time).times)
 
 
 def per_step(m: Method, times: dict[str, list[float]]) -> float:
@@ -236,11 +249,6 @@ def per_step(m: Method, times: dict[str, list[float]]) -> float:
     if m.family in ("foof", "kfac"):
         return (med["inv"] + (m.S - 1) * (med["stats"] or 0.0) + (m.T - m.S) * (med["plain"] or 0.0)) / m.T
     return med["plain"] if med["plain"] is not None else med["inv"]
-
-
-def ratio_stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "rounds": len(values)}
 
 
 def amortised(m: Method) -> dict[str, float | None]:
@@ -255,7 +263,7 @@ def amortised(m: Method) -> dict[str, float | None]:
             "median_inversion_s": med["inv"], "samples": {k: len(v) for k, v in m.times.items()}}
 
 
-def bench_model(name: str, quick: bool, rounds: int, seed: int = 0, samples: int = 4) -> dict:
+def bench_model(name: str, quick: bool, rounds: int, seed: int = 0, min_time: float = 1.0) -> dict:
     torch.manual_seed(seed)
     if name == "mlp":
         widths = (64, 32, 32, 32, 10) if quick else (784, 1000, 1000, 1000, 10)
@@ -288,11 +296,10 @@ def bench_model(name: str, quick: bool, rounds: int, seed: int = 0, samples: int
             continue
         runs.append((m, opt, model))
     methods = [m for m, _, _ in runs]
-    n_plain, n_stats, n_simple = (1, 1, 1) if quick else (samples, max(1, samples // 2), samples)
     for r in range(rounds):  # interleaved: A B C … then … C B A, so drifts in load cancel
         for m, opt, model in (runs if r % 2 == 0 else runs[::-1]):
             before = {k: len(v) for k, v in m.times.items()}
-            run_round(m, opt, model, batches, n_plain, n_stats, n_simple)
+            run_round(m, opt, model, batches, 0.0 if quick else min_time)
             m.rounds.append({k: v[before[k]:] for k, v in m.times.items()})
     results = {m.name: {"family": m.family, "T": m.T, "S": m.S, **amortised(m)} for m in methods}
     # per-round amortised step times of every method (ASDL's three step kinds combined per (T, S))
@@ -377,7 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
     ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 5; quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--samples", type=int, default=4, help="timed steps of each kind per round")
+    ap.add_argument("--min-time", type=float, default=1.0,
+                    help="seconds of timed steps of each kind per method and round (Timer's "
+                         "blocked_autorange; --quick: one step)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -386,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     res = {}
     for name in args.models.split(","):
-        res[name] = bench_model(name.strip(), args.quick, rounds, samples=args.samples)
+        res[name] = bench_model(name.strip(), args.quick, rounds, min_time=args.min_time)
     print_table(res)
     out = {
         "command": " ".join(["python benchmarks/optimizer_step.py", *(argv or sys.argv[1:])]),
@@ -403,10 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in out["goals"].items():
         print(f"  {k}: {v['value']:.2f} (goal {v['goal']})")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_json(args.out, out)}")
     return out
 
 

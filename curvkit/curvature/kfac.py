@@ -55,6 +55,7 @@ and the damped matrices of both modes by :meth:`KroneckerBlockDiagonal.damped_de
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,18 +77,49 @@ CONVENTION = ("Â = (1/N) Σ_n Σ_t ã ãᵀ, B̂ = (1/T) Σ_m Σ_t ẽ ẽᵀ (
               "layer block B̂ ⊗ Â on row-major vec([W | b])")
 
 
+#: From this factor size on, :func:`location_gram` forms the Gram from three half-size blocks.
+HALVES_FROM = 128
+
+
+def _gram_by_halves(block: Callable[[slice, slice], Tensor], d: int, like: Tensor) -> Tensor:
+    """``G`` from ``block(I, J) = G[I, J]``: the two diagonal blocks and one off-diagonal block.
+
+    ``G`` is symmetric, so ``G[a, b] = G[b, a]ᵀ`` saves a quarter of the multiply-adds.
+    """
+    if d < HALVES_FROM:
+        return block(slice(None), slice(None))
+    a, b = slice(0, d // 2), slice(d // 2, d)
+    G = like.new_empty(d, d)
+    G[a, a] = block(a, a)
+    G[b, a] = block(b, a)
+    G[b, b] = block(b, b)
+    G[a, b] = G[b, a].T
+    return G
+
+
 def location_gram(x: Tensor, scale: float = 1.0, symmetrize: bool = True) -> Tensor:
     """``scale · Σ_m Σ_t x_{mt} x_{mt}ᵀ`` for ``x`` of shape ``(M, T, d)``.
 
-    One GEMM with the scale folded in. Unfolded convolution patches arrive as a transposed view of
-    a contiguous ``(M, d, T)`` tensor; when ``d ≤ T`` the sum is taken as one batched product on
-    that view, which avoids copying the ``M·T·d`` patches. ``symmetrize=False`` skips the
-    ``(G + Gᵀ)/2`` pass (callers whose factorisations read one triangle, e.g. the optimizers).
+    A dense layer's factor is one GEMM with the scale folded in. Unfolded convolution patches
+    arrive as a transposed view of a contiguous ``(M, d, T)`` tensor: when ``d ≤ T`` the sum is
+    taken as batched products on that view, which avoids copying the ``M·T·d`` patches;
+    otherwise the patches are copied once into ``(d, M·T)`` (whole rows of ``T``, not an
+    elementwise transpose) for plain GEMMs; for ``d ≥`` :data:`HALVES_FROM` from three
+    half-size blocks, the fourth by symmetry. ``symmetrize=False`` skips the ``(G + Gᵀ)/2`` pass
+    (callers whose factorisations read one triangle, e.g. the optimizers).
     """
     M, T, d = x.shape
     xt = x.transpose(1, 2)
-    if T > 1 and d <= T and xt.is_contiguous():
-        G = torch.bmm(xt, x).sum(0)
+    if T > 1 and xt.is_contiguous():  # unfolded convolution patches
+        if d <= T:
+            def block(i: slice, j: slice) -> Tensor:
+                return torch.bmm(xt[:, i], x[:, :, j]).sum(0)
+        else:
+            rows = xt.transpose(0, 1).reshape(d, M * T)
+
+            def block(i: slice, j: slice) -> Tensor:
+                return torch.mm(rows[i], rows[j].T)
+        G = _gram_by_halves(block, d, x)
         if scale != 1.0:
             G.mul_(scale)
     else:
