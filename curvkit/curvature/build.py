@@ -120,7 +120,11 @@ def layer_index(params: Sequence[nn.Parameter], layers: Sequence[LayerAdapter]) 
     else:
         if pos == off:
             return None
-    return torch.cat([layer.layer_index(offsets) for layer in layers])
+    parts = []
+    for layer in layers:  # contiguous blocks as one arange; only the others index entry by entry
+        span = layer.span(offsets)
+        parts.append(torch.arange(*span) if span is not None else layer.layer_index(offsets))
+    return torch.cat(parts)
 
 
 def resolve_params(model: nn.Module, params) -> list[nn.Parameter]:

@@ -209,8 +209,11 @@ class LayerAdapter:
             off += p.numel()
             g = grads[id(p)]
             flat.append((g.to_dense() if g.is_sparse else g).reshape(-1))  # Embedding(sparse=True)
-        return torch.cat(flat)[self.layer_index(offsets).to(flat[0].device)].reshape(
-            self.d_out, self.d_in)
+        v = torch.cat(flat) if len(flat) > 1 else flat[0]
+        span = self.span(offsets)
+        if span is not None:  # the block is the flat vector in order: no index
+            return v[span[0]:span[1]].reshape(self.d_out, self.d_in)
+        return v[self.layer_index(offsets).to(v.device)].reshape(self.d_out, self.d_in)
 
     def combine(self, a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         """Final ``(a, e)`` from the recorded pair (explicit rules form per-sample gradients)."""
