@@ -211,3 +211,51 @@ def test_entry_points_on_the_embedding_rule(tmp_path):
     rep = curvkit.validate.compare(m, ids, labels, kind="exact", structures=("full", "kfac", "diag"),
                                    progress=False)
     assert {r.label: r for r in rep.rows}["full"].direction_error < 1e-8
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_one_hot_factor_equals_the_dense_one_hot_outer_factor(chunked, monkeypatch):
+    import curvkit.linalg.onehot as onehot
+    from curvkit.linalg import OuterProductFactor
+
+    g = torch.Generator().manual_seed(0)
+    N, T, R, d, Vn = 3, 4, 2, 2, 6
+    idx = torch.randint(0, Vn, (N, T), generator=g)
+    idx[0, 1] = -1  # no row (padding)
+    idx[2, 3] = idx[2, 0]
+    e = torch.randn(N * R, T, d, generator=g, dtype=f64)
+    a = nn.functional.one_hot(idx.clamp_min(0), Vn).to(f64) * (idx >= 0)[..., None]
+    ref = OuterProductFactor(a, e)
+    if chunked:  # two tokens per Gram chunk, one column per product chunk
+        monkeypatch.setattr(onehot, "CHUNK_BYTES", 8 * N * R * d * 2)
+    f = OneHotFactor(idx, e, Vn)
+    U = ref.dense(f64)
+    torch.testing.assert_close(f.dense(f64), U)
+    torch.testing.assert_close(f.gram(), U.T @ U)
+    torch.testing.assert_close(f.sq_row_norms(), (U * U).sum(1))
+    X = torch.randn(d * Vn, 3, generator=g, dtype=f64)
+    W = torch.randn(N * R, 3, generator=g, dtype=f64)
+    torch.testing.assert_close(f.rmatmat(X), U.T @ X)
+    torch.testing.assert_close(f.matmat(W), U @ W)
+    f32 = OneHotFactor(idx, e.float(), Vn)
+    torch.testing.assert_close(f32.gram64(), U.T @ U, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(f32.rmatmat64(X), U.T @ X, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(f32.sub_matmat64(X.float(), W, 2.0), (2 * (X - U @ W)).float(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"OneHotFactor needs indices \(N, T\) and errors"):
+        OneHotFactor(idx, e[:, :2], Vn)
+
+
+def test_outer_factor_with_positions_chunks_its_products(monkeypatch):
+    import curvkit.linalg.outer as outer
+    from curvkit.linalg import DenseFactor, OuterProductFactor
+
+    g = torch.Generator().manual_seed(1)
+    f = OuterProductFactor(torch.randn(3, 4, 5, generator=g, dtype=f64),
+                           torch.randn(6, 4, 2, generator=g, dtype=f64))
+    U = f.dense(f64)
+    X = torch.randn(10, 7, generator=g, dtype=f64)
+    monkeypatch.setattr(outer, "CHUNK_BYTES", 8 * 3 * 4 * 2 * 2)  # two columns per chunk
+    torch.testing.assert_close(f.rmatmat(X), U.T @ X)
+    other = DenseFactor(torch.randn(10, 3, generator=g, dtype=f64))
+    torch.testing.assert_close(f.cross_gram64(other), U.T @ other.U)

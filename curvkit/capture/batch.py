@@ -26,7 +26,8 @@ class Captured:
     Attributes:
         layers: the tracked layers.
         a: per layer, inputs ``(N, T, d_in)`` (with a ones column for a selected bias; ``1`` of
-            shape ``(N, 1, 1)`` for explicit rules and the generic route).
+            shape ``(N, 1, 1)`` for explicit rules and the generic route; one-hot indices
+            ``(N, T, 1)``, ``int64``, for rules with ``one_hot`` such as ``nn.Embedding``).
         e: per layer, errors ``(N·R, T, d_out)`` with the Fisher scaling folded in, so that
             column ``m = n·R + r`` of ``G`` restricted to the layer is
             ``vec_r(Σ_t e_{mt} a_{nt}ᵀ)`` (see :mod:`curvkit.capture.rules.base`).
