@@ -169,6 +169,28 @@ def test_float64_accumulated_products_match_dense():
         assert torch.equal(X64, keep)
 
 
+def test_float64_draw_blocks_match_dense():
+    """The working copies of Laplace draws: ``Uᵀ Y`` and ``r ⊙ s·(Y − U W)`` rounded once, exactly."""
+    g = torch.Generator().manual_seed(6)
+    dense = OuterProductFactor(torch.randn(5, 1, 7, generator=g), torch.randn(10, 1, 3, generator=g))
+    mc = OuterProductFactor(torch.randn(5, 1, 7, generator=g), torch.randn(5, 1, 3, generator=g))
+    conv = OuterProductFactor(torch.randn(5, 4, 7, generator=g), torch.randn(5, 4, 3, generator=g))
+    explicit = DenseFactor(torch.randn(21, 10, generator=g))
+    for fac in (dense, mc, conv, explicit):
+        U = fac.U.to(f64) if isinstance(fac, DenseFactor) else _explicit_layer_U(fac.a, fac.e)
+        Y = torch.randn(3, 2 * fac.size, generator=g)[:, fac.size:]  # a strided (k, P) view
+        W = torch.randn(fac.rank, 3, generator=g, dtype=f64)
+        r = torch.rand(fac.size, generator=g, dtype=f64) + 0.5
+        for rr in (None, r):
+            B = fac.block64(Y)
+            torch.testing.assert_close(fac.block_rmatmat64(B), U.T @ Y.T.to(f64), rtol=1e-13, atol=1e-13)
+            fac.block_sub_matmat64_(B, W, 7.0)
+            out = torch.full((3, fac.size), float("nan"))
+            fac.block_store(B, out, rr)
+            ref = (Y.T.to(f64) - U @ W) * 7.0 * (1.0 if rr is None else rr[:, None])
+            torch.testing.assert_close(out, ref.T.float(), rtol=0, atol=0)
+
+
 def test_benchmark_smoke(tmp_path):
     """``benchmarks/woodbury_solve.py`` runs (tiny widths) and its solve sits at the float32 limit."""
     import importlib.util

@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from curvkit.linalg.finite import all_finite
 from curvkit.linalg.operator import SingularError
 
 __all__ = ["SPDFactor", "batched_psd_sqrt", "batched_spd_solve", "damped_cholesky"]
@@ -65,8 +66,9 @@ class SPDFactor:
     def solve(self, B: Tensor) -> Tensor:
         """``S⁻¹ B`` for ``B`` of shape ``(n, k)`` (computed and returned in :attr:`dtype`)."""
         B = B.to(self.dtype)
-        if self.L is not None:
-            return torch.cholesky_solve(B, self.L)
+        if self.L is not None:  # two triangular solves: cholesky_solve would copy L first
+            Y = torch.linalg.solve_triangular(self.L, B, upper=False)
+            return torch.linalg.solve_triangular(self.L.mT, Y, upper=True)
         evals, evecs = self._eig()
         return evecs @ ((evecs.T @ B) / evals[:, None])
 
@@ -156,7 +158,7 @@ def damped_cholesky(S: Tensor, damping: float | Tensor = 0.0, *, name: str = "ma
         desc = f"{name} + {float(damping)}·I"
         if float(damping) != 0.0:
             A.diagonal().add_(float(damping))
-    if not torch.isfinite(A).all():
+    if not all_finite(A):
         raise ValueError(f"{desc} has non-finite entries (NaN or Inf); check its inputs")
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:

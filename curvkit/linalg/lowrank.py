@@ -127,6 +127,10 @@ class LowRankFactor:
                 K[i:l, j:k] = D.T @ C
         return K
 
+    def add_gram64_(self, K: Tensor) -> Tensor:
+        """``K ← K + Uᵀ U`` (float64, in place; a stack of layers sums its blocks' Grams this way)."""
+        return K.add_(self.gram64())
+
     def rmatmat64(self, X: Tensor) -> Tensor:
         """``Uᵀ X`` accumulated in float64; ``X`` ``(P, k)`` of any float dtype -> ``(M, k)`` float64."""
         X64 = X.to(torch.float64)
@@ -155,6 +159,28 @@ class LowRankFactor:
                 Y.addmm_(C, W[j:k], alpha=-1.0)
         Y *= scale
         return Y.to(X.dtype) if out is None else out.copy_(Y)
+
+    # Working copies for Gaussian draws ``y − U w`` (:meth:`Woodbury.sample`): ``k`` row vectors
+    # widened to float64 once, in the layout this factor's float64 GEMMs run fastest on; the
+    # default layout is ``(P, k)`` with ``Xᵀ`` contiguous.
+    def block64(self, Y: Tensor) -> Tensor:
+        """A float64 working copy of the rows ``Y`` (``(k, P)``, any float dtype, any strides)."""
+        return torch.empty(Y.shape, dtype=torch.float64, device=Y.device).copy_(Y).T
+
+    def block_rmatmat64(self, B: Tensor) -> Tensor:
+        """``Uᵀ Y`` (``(M, k)``, float64, accumulated in float64) of a :meth:`block64` copy."""
+        return self.rmatmat64(B)
+
+    def block_sub_matmat64_(self, B: Tensor, W: Tensor, scale: float) -> None:
+        """``B ← scale · (B − U W)`` in place on a :meth:`block64` copy, accumulated in float64."""
+        self.sub_matmat64(B, W, scale, out=B)
+
+    def block_store(self, B: Tensor, out: Tensor, r: Tensor | None = None) -> None:
+        """Write ``r ⊙`` a :meth:`block64` copy (``r``: optional ``(P,)``) into ``out`` ``(k, P)``."""
+        X = B.T
+        if r is not None:
+            X.mul_(r.to(X))
+        out.copy_(X)
 
     # ------------------------------------------------------------------ float64 Grams (Laplace)
 
@@ -272,6 +298,10 @@ class DenseFactor(LowRankFactor):
         return Y.to(X.dtype) if out is None else out.copy_(Y)
 
     @override
+    def block_sub_matmat64_(self, B: Tensor, W: Tensor, scale: float) -> None:
+        B.addmm_(self._U64(), W.to(torch.float64), beta=scale, alpha=-scale)
+
+    @override
     def to64(self) -> LowRankFactor:
         return self if self.dtype == torch.float64 else DenseFactor(self.U.double())
 
@@ -352,9 +382,9 @@ class StackedFactor(LowRankFactor):
 
     @override
     def gram64(self) -> Tensor:
-        K = self.blocks[0].gram64()
-        for i, b in enumerate(self.blocks[1:]):
-            K = K + b.gram64() if i == 0 else K.add_(b.gram64())  # K is fresh after the first sum
+        K = self.blocks[0].gram64()  # a new tensor (the contract of gram64), summed into in place
+        for b in self.blocks[1:]:
+            b.add_gram64_(K)
         return K
 
     @override

@@ -32,6 +32,7 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
+from curvkit.linalg.finite import all_finite
 from curvkit.linalg.memory import check_memory
 from curvkit.typing import DampingMode
 
@@ -305,7 +306,7 @@ class LinearOperator:
         self._check_mode(damping_mode)
         damping = self._check_damping(damping)
         X, fmt = self._to_matrix(v)
-        if not bool(torch.isfinite(X).all()):
+        if not all_finite(X):
             raise ValueError(f"the right-hand side of {self.name}.solve has NaN or Inf entries; "
                              "check the gradients or vectors passed (a solve of them is undefined)")
         return self._from_matrix(self._solve(X, damping, damping_mode), fmt)

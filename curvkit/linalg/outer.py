@@ -204,10 +204,20 @@ class OuterProductFactor(LowRankFactor):
         K.view(f.N, f.R, f.N, f.R).mul_((a @ a.T)[:, None, :, None])
         return K
 
+    @override
+    def add_gram64_(self, K: Tensor) -> Tensor:
+        f = self._as64()
+        if f.gram_route == "per_sample" or f.T != 1:
+            return K.add_(f.gram())
+        a, e = f.a[:, 0, :], f.e[:, 0, :]  # K += (e eᵀ) ⊙ (a aᵀ ⊗ 1_R 1_Rᵀ), one fused pass
+        K.view(f.N, f.R, f.N, f.R).addcmul_((e @ e.T).view(f.N, f.R, f.N, f.R),
+                                            (a @ a.T)[:, None, :, None])
+        return K
+
     def rmatmat64(self, X: Tensor) -> Tensor:
         """``Uᵀ X`` accumulated in float64; ``X`` ``(P, k)`` of any float dtype -> ``(M, k)`` float64."""
         f = self._as64()
-        if self.T != 1:
+        if self.T != 1 or X.dtype == torch.float64:  # float64 X: the plain GEMMs of the float64 factor
             return f.rmatmat(X.to(torch.float64))
         k, o, d = X.shape[1], self.d_out, self.d_in
         a, e = f.a[:, 0, :], f.e[:, 0, :]
@@ -259,6 +269,48 @@ class OuterProductFactor(LowRankFactor):
                 Yi.addmm_(Ew[j, i:i + n], a, beta=scale, alpha=-scale)  # scale·(X − Σ_n ẽ_n a_nᵀ)
                 Ov[j, i:i + n].copy_(Yi)
         return out
+
+    # Laplace draws (dense layers): the working copy of k rows is (d_in, k, d_out), so that
+    # Uᵀ Y is one GEMM a·Y and Y − U W one GEMM aᵀ·Ew accumulated into it, neither transposed.
+    @override
+    def block64(self, Y: Tensor) -> Tensor:
+        if self.T != 1:
+            return super().block64(Y)
+        k = Y.shape[0]
+        B = torch.empty(self.d_in, k, self.d_out, dtype=torch.float64, device=Y.device)
+        return B.copy_(Y.reshape(k, self.d_out, self.d_in).permute(2, 0, 1))
+
+    @override
+    def block_rmatmat64(self, B: Tensor) -> Tensor:
+        if self.T != 1:
+            return super().block_rmatmat64(B)
+        f, k = self._as64(), B.shape[1]
+        VA = (f.a[:, 0, :] @ B.view(self.d_in, -1)).view(self.N, k, self.d_out)  # (Y_k a_n)_o
+        e = f.e[:, 0, :].reshape(self.N, self.R, self.d_out)
+        return torch.bmm(e, VA.transpose(1, 2)).reshape(self.rank, k)
+
+    @override
+    def block_sub_matmat64_(self, B: Tensor, W: Tensor, scale: float) -> None:
+        if self.T != 1:
+            return super().block_sub_matmat64_(B, W, scale)
+        f, k = self._as64(), B.shape[1]
+        e, W = f.e[:, 0, :], W.to(torch.float64)
+        if self.R == 1:  # Ew_{nk} = Σ_r W_{nr,k} e_{nr}, (N, k, o) contiguous
+            Ew = torch.mul(W[:, :, None], e[:, None, :],
+                           out=torch.empty(self.N, k, self.d_out, dtype=torch.float64, device=B.device))
+        else:
+            Ew = torch.bmm(W.reshape(self.N, self.R, k).transpose(1, 2), e.reshape(self.N, self.R, -1))
+        B.view(self.d_in, -1).addmm_(f.a[:, 0, :].T, Ew.view(self.N, -1), beta=scale, alpha=-scale)
+        return None
+
+    @override
+    def block_store(self, B: Tensor, out: Tensor, r: Tensor | None = None) -> None:
+        if self.T != 1:
+            return super().block_store(B, out, r)
+        if r is not None:
+            B.mul_(r.to(B).view(self.d_out, self.d_in).T[:, None, :])
+        out.view(out.shape[0], self.d_out, self.d_in).copy_(B.permute(1, 2, 0))
+        return None
 
     # ------------------------------------------------------------------ float64 Grams (Laplace)
     @override

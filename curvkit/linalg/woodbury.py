@@ -46,8 +46,14 @@ Then (``y ∼ N(0, I_P)``, ``z ∼ N(0, I_M)``; the perturbation trick of eq 11)
     diag((A + D)⁻¹) = R² (1 − rownorms²(V L⁻ᵀ)),   Ĉ = L Lᵀ
     Jᵀ (A + D)⁻¹ J = (R J)ᵀ (R J) − Qᵀ Ĉ⁻¹ Q,   Q = Vᵀ (R J)
 
-(no ``P × P`` matrix; test Jacobian factors ``J`` of dense layers enter through Grams only). The
-primal route factorises ``U Uᵀ + D`` itself. The eigenvalues of ``U Uᵀ`` come from the smaller
+(no ``P × P`` matrix; test Jacobian factors ``J`` of dense layers enter through Grams only). In a
+draw ``y − V w`` cancels along the top posterior directions (``x`` there is ``O(√c/σ)``, ``y`` is
+``O(1)``), so as in the solve both products are float64 GEMMs: the float32 ``y`` is widened once
+per layer block into a float64 working copy (:meth:`LowRankFactor.block64`), ``Vᵀy`` and
+``y − V w`` run on it and ``x`` is rounded once. The float32 draw is then the exact draw of the
+same ``y, z`` rounded once (``Vᵀ`` of its error is the float32 representation limit); with
+float32 products it is 7–21× that limit on the MLPs of ``benchmarks/laplace.py``. The primal
+route factorises ``U Uᵀ + D`` itself. The eigenvalues of ``U Uᵀ`` come from the smaller
 of ``K`` and ``U Uᵀ``.
 
 Route ``"cost"`` picks, among the routes that fit in memory, the one with fewer flops to build and
@@ -64,6 +70,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from curvkit.linalg.cholesky import SPDFactor, damped_cholesky
+from curvkit.linalg.finite import all_finite
 from curvkit.linalg.lowrank import (
     CHUNK_BYTES,
     DenseFactor,
@@ -115,7 +122,7 @@ class Woodbury(LinearOperator):
             M = self.factor.rank
             check_memory(3 * M * M * 8, f"the {M}×{M} Gram of {self.name}", self.device)
             K = self.factor.gram64()
-            if not torch.isfinite(K).all():
+            if not all_finite(K):
                 raise FloatingPointError(f"{self.name}: the Gram matrix has non-finite entries")
             # symmetric to float64 round-off by construction; the Cholesky and eigvalsh read only
             # its lower triangle, so no (K + Kᵀ)/2 pass over the M×M matrix (strided, memory-bound)
@@ -134,7 +141,7 @@ class Woodbury(LinearOperator):
                 U = self.factor.columns64(j, min(j + c, M))
                 D.addmm_(U, U.T)
             self._dense = D
-            if not torch.isfinite(self._dense).all():
+            if not all_finite(self._dense):
                 raise FloatingPointError(f"{self.name}: the factor has non-finite entries")
         return self._dense
 
@@ -268,21 +275,34 @@ class Woodbury(LinearOperator):
         P, M = self.shape[0], self.factor.rank
         out = torch.empty(k, P, dtype=self.dtype, device=self.device)  # returned transposed
         step = max(1, CHUNK_BYTES // max(1, 3 * P * 8))
-        r = (R.to(self.device)[:, None] if R.dim() else R.to(self.device)).to(self.dtype)
+        if V is None:
+            for j in range(0, k, step):
+                kk = min(step, k - j)
+                y = torch.randn(kk, P, dtype=self.dtype, device=self.device, generator=generator).T
+                out[j:j + kk] = fac.inv_sqrt(y).T.to(self.dtype)
+            return out.T
+        blocks = V.row_blocks()
+        bounds = [0]
+        for b in blocks:
+            bounds.append(bounds[-1] + b.size)
+        r = R.to(self.device, torch.float64) if R.dim() else None
+        scale = 1.0 if r is not None else float(R)
         for j in range(0, k, step):
             kk = min(step, k - j)
-            y = torch.randn(kk, P, dtype=self.dtype, device=self.device, generator=generator).T
-            if V is None:
-                out[j:j + kk] = fac.inv_sqrt(y).T.to(self.dtype)
-                continue
+            y = torch.randn(kk, P, dtype=self.dtype, device=self.device, generator=generator)
             z = torch.randn(M, kk, dtype=torch.float64, device=self.device, generator=generator)
-            w = fac.solve(V.rmatmat64(y) + math.sqrt(c) * z)
             # y − V w nearly cancels along the top posterior directions: float64 accumulation,
-            # one rounding (the same care as the dual solve; module doc)
-            if R.dim():
-                out[j:j + kk] = (V.sub_matmat64(y, w, 1.0) * r).T
-            else:
-                out[j:j + kk] = V.sub_matmat64(y, w, float(R)).T
+            # one rounding (the same care as the dual solve; module doc). y is widened once per
+            # parameter block into a float64 working copy (LowRankFactor.block64), on which both
+            # products are plain float64 GEMMs and y − V w is accumulated in place.
+            ys = [b.block64(y[:, lo:hi]) for b, lo, hi in zip(blocks, bounds[:-1], bounds[1:])]
+            u = math.sqrt(c) * z
+            for b, yb in zip(blocks, ys):
+                u += b.block_rmatmat64(yb)
+            w = fac.solve(u)
+            for b, yb, lo, hi in zip(blocks, ys, bounds[:-1], bounds[1:]):
+                b.block_sub_matmat64_(yb, w, scale)
+                b.block_store(yb, out[j:j + kk, lo:hi], None if r is None else r[lo:hi])
         return out.T
 
     def _inverse_diagonal(self, damping: Damping) -> Tensor:
