@@ -155,8 +155,13 @@ def budget_line(methods: Sequence[MethodResult]) -> str:
     for b in methods[0].budgets:
         parts.append(f"loss @{b}: " + ", ".join(f"{m.label} {fmt(m.budget_losses.get(b))}" for m in methods))
     if any(math.isfinite(m.test_acc) for m in methods):
-        parts.append("test acc: " + ", ".join(f"{m.label} {100 * m.test_acc:.1f}%" for m in methods))
+        parts.append("test acc: " + ", ".join(f"{m.label} {_acc(m)}" for m in methods))
     return "; ".join(parts)
+
+
+def _acc(m: MethodResult) -> str:
+    """Median test accuracy, or ``diverged`` where a diverged seed leaves no finite median."""
+    return f"{100 * m.test_acc:.1f}%" if math.isfinite(m.test_acc) else "diverged"
 
 
 # ---------------------------------------------------------------------------------------- figures
