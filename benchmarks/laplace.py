@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"N": N, "quick": args.quick, "cpus": os.cpu_count(), "n_samples": N_SAMPLES,
-            "rounds": args.rounds, "baseline": base,
+            "rounds": args.rounds, "baseline": base, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "command": "python benchmarks/laplace.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     path = out / f"{args.name}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows, "goals": goals}, indent=2))

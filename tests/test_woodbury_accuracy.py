@@ -169,8 +169,13 @@ def test_float64_accumulated_products_match_dense():
         assert torch.equal(X64, keep)
 
 
-def test_float64_draw_blocks_match_dense():
+@pytest.mark.parametrize("chunk", [None, 20])
+def test_float64_draw_blocks_match_dense(chunk, monkeypatch):
     """The working copies of Laplace draws: ``Uᵀ Y`` and ``r ⊙ s·(Y − U W)`` rounded once, exactly."""
+    if chunk is not None:  # several right-hand-side chunks per layer
+        import curvkit.linalg.outer as outer_mod
+
+        monkeypatch.setattr(outer_mod, "CHUNK64", chunk)
     g = torch.Generator().manual_seed(6)
     dense = OuterProductFactor(torch.randn(5, 1, 7, generator=g), torch.randn(10, 1, 3, generator=g))
     mc = OuterProductFactor(torch.randn(5, 1, 7, generator=g), torch.randn(5, 1, 3, generator=g))

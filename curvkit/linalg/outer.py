@@ -271,7 +271,8 @@ class OuterProductFactor(LowRankFactor):
         return out
 
     # Laplace draws (dense layers): the working copy of k rows is (d_in, k, d_out), so that
-    # Uᵀ Y is one GEMM a·Y and Y − U W one GEMM aᵀ·Ew accumulated into it, neither transposed.
+    # Uᵀ Y is a GEMM a·Y and Y − U W a GEMM aᵀ·Ew accumulated into it, neither transposed, over
+    # chunks of c rows that keep the (N, c, d_out) temporaries within CHUNK64 (cache-sized).
     @override
     def block64(self, Y: Tensor) -> Tensor:
         if self.T != 1:
@@ -284,23 +285,32 @@ class OuterProductFactor(LowRankFactor):
     def block_rmatmat64(self, B: Tensor) -> Tensor:
         if self.T != 1:
             return super().block_rmatmat64(B)
-        f, k = self._as64(), B.shape[1]
-        VA = (f.a[:, 0, :] @ B.view(self.d_in, -1)).view(self.N, k, self.d_out)  # (Y_k a_n)_o
-        e = f.e[:, 0, :].reshape(self.N, self.R, self.d_out)
-        return torch.bmm(e, VA.transpose(1, 2)).reshape(self.rank, k)
+        f, k, o = self._as64(), B.shape[1], self.d_out
+        a, e = f.a[:, 0, :], f.e[:, 0, :].reshape(self.N, self.R, o)
+        out = torch.empty(self.N, self.R, k, dtype=torch.float64, device=B.device)
+        c = max(1, min(k, CHUNK64 // max(1, self.N * o)))  # (N, c, o) temporaries ≤ CHUNK64
+        for j in range(0, k, c):  # (Y_k a_n)_o for c right-hand sides, then e_{nr}·
+            VA = (a @ B[:, j:j + c].reshape(self.d_in, -1)).view(self.N, -1, o)
+            out[:, :, j:j + c] = torch.bmm(e, VA.transpose(1, 2))
+        return out.view(self.rank, k)
 
     @override
     def block_sub_matmat64_(self, B: Tensor, W: Tensor, scale: float) -> None:
         if self.T != 1:
             return super().block_sub_matmat64_(B, W, scale)
-        f, k = self._as64(), B.shape[1]
-        e, W = f.e[:, 0, :], W.to(torch.float64)
-        if self.R == 1:  # Ew_{nk} = Σ_r W_{nr,k} e_{nr}, (N, k, o) contiguous
-            Ew = torch.mul(W[:, :, None], e[:, None, :],
-                           out=torch.empty(self.N, k, self.d_out, dtype=torch.float64, device=B.device))
-        else:
-            Ew = torch.bmm(W.reshape(self.N, self.R, k).transpose(1, 2), e.reshape(self.N, self.R, -1))
-        B.view(self.d_in, -1).addmm_(f.a[:, 0, :].T, Ew.view(self.N, -1), beta=scale, alpha=-scale)
+        f, k, o = self._as64(), B.shape[1], self.d_out
+        a, e, W = f.a[:, 0, :], f.e[:, 0, :], W.to(torch.float64)
+        c = max(1, min(k, CHUNK64 // max(1, self.N * o)))  # (N, c, o) temporaries ≤ CHUNK64
+        buf = torch.empty(self.N, c, o, dtype=torch.float64, device=B.device)
+        for j in range(0, k, c):
+            cc = min(c, k - j)
+            Wj, Ew = W[:, j:j + cc], (buf if cc == c else buf[:, :cc].contiguous())
+            if self.R == 1:  # Ew_{nk} = Σ_r W_{nr,k} e_{nr}, (N, c, o)
+                torch.mul(Wj[:, :, None], e[:, None, :], out=Ew)
+            else:
+                torch.bmm(Wj.reshape(self.N, self.R, cc).transpose(1, 2), e.reshape(self.N, self.R, o),
+                          out=Ew)
+            B[:, j:j + cc].view(self.d_in, -1).addmm_(a.T, Ew.view(self.N, -1), beta=scale, alpha=-scale)
         return None
 
     @override
