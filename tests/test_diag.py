@@ -143,3 +143,23 @@ def test_bad_input():
     F = build(case)
     with pytest.raises(ValueError, match=r"supports \['exact'\]"):
         F.solve(torch.ones(F.shape[0], dtype=f64), 1e-3, damping_mode="heuristic")
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_backpack_refuses_per_position_outputs(likelihood):
+    # (N, T, C) outputs: every position is a loss term; BackPACK's diagonal is per input, so
+    # it must refuse rather than return a diagonal scaled by 1/N instead of 1/(N·T).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 5)).double()
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    y = torch.randint(0, 5, (2, 6)) if likelihood == "classification" else torch.randn(2, 6, 5).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"backend='backpack' supports \(N, C\) outputs only.*"
+                                         r"\(2, 6, 5\).*Use backend='capture'"):
+        curvkit.fisher(model, x, y, likelihood=likelihood, kind="exact", structure="diag",
+                       backend="backpack")
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
+    ok = curvkit.fisher(model, x, y, likelihood=likelihood, kind="exact", structure="diag")
+    assert ok.diagonal().shape == (sum(p.numel() for p in model.parameters()),)

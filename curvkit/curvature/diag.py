@@ -122,12 +122,21 @@ def backpack_diagonal(ctx: BuildContext) -> Tensor:
             model = extend(model)
             loss_fn = extend(_LOSSES[ctx.likelihood](reduction="sum"))
             outputs = forward(model, ctx.inputs, ctx.output_fn)
+            if outputs.dim() > 2:
+                raise _PerPositionOutputs(tuple(outputs.shape))
             targets = _backpack_targets(ctx, outputs)
             loss = loss_fn(outputs, targets)
             with backpack(ext), warnings.catch_warnings():
                 # BackPACK's module hooks fire on outputs when the input needs no gradient
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
+    except _PerPositionOutputs as err:
+        raise ValueError(
+            f"backend='backpack' supports (N, C) outputs only; the model's outputs have shape "
+            f"{err.shape}, whose positions are loss terms of their own (the Fisher is a mean per loss "
+            "term, which BackPACK's per-input diagonal does not give). Use backend='capture' (the "
+            "default) for per-position outputs."
+        ) from None
     except Exception as err:  # BackPACK raises various types for unsupported graphs
         raise RuntimeError(
             f"BackPACK could not compute the diagonal ({type(err).__name__}: {err}); it needs a "
@@ -146,6 +155,14 @@ def backpack_diagonal(ctx: BuildContext) -> Tensor:
             qs.append((q**2).sum(0) if ctx.kind == "empirical" else q)
         parts.append(BlockLayout.of(layer).block(qs).reshape(-1))  # the layer's [W | b] block
     return (torch.cat(parts) * scale).detach()
+
+
+class _PerPositionOutputs(Exception):
+    """Raised inside the BackPACK pass for outputs ``(N, …, C)`` with extra dimensions."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__(shape)
+        self.shape = shape
 
 
 def _backpack_targets(ctx: BuildContext, outputs: Tensor) -> Tensor:
