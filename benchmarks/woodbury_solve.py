@@ -20,9 +20,11 @@ damping λ, float32. Per N it reports:
   or until it stops improving (plateau: the residual CG reaches is reported); then timed
   against curvkit's solve.
 
-Contenders are interleaved: in each of ``--rounds`` rounds every contender runs once (the median
-of ``--inner`` calls for the fast ones), the order reversed every other round, so machine load
-cancels in the per-round ratios; the median and the minimum of the per-round ratios are reported.
+Contenders are interleaved (``benchmarks/_common.interleaved``): in each of ``--rounds`` rounds
+every contender is measured once with ``torch.utils.benchmark.Timer`` (``blocked_autorange``, at
+least ``--min-time`` seconds of timed calls after its warm-up; a slow contender such as CG is one
+timed call after one untimed), the order reversed every other round, so machine load cancels in
+the per-round ratios; the median, minimum and maximum of the per-round ratios are reported.
 
 Run: ``python benchmarks/woodbury_solve.py [--quick] [--ns 32 100 300] [--train-steps 0]
 [--out results/woodbury_solve.json]``.
@@ -36,13 +38,16 @@ import json
 import os
 import platform
 import statistics
-import time
+import sys
 
 import torch
 from torch import nn
 
 import curvkit
 from curvkit.linalg import Woodbury
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks._common
+from benchmarks._common import interleaved, round_ratios  # noqa: E402
 
 
 def mlp(widths: list[int]) -> nn.Sequential:
@@ -180,28 +185,6 @@ def cg_to_residual(run, v, target: float, res: Residual, max_iter: int, log) -> 
     return {"reached": best["residual"] <= target, "target": target, **best, "attempts": tried}
 
 
-def interleaved(fns: dict, rounds: int, inner: dict) -> dict[str, list[float]]:
-    """Per-round seconds of every contender; order reversed every other round."""
-    for f in fns.values():  # warm-up
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            ts = []
-            for _ in range(inner.get(k, 1)):
-                t0 = time.perf_counter()
-                fns[k]()
-                ts.append(time.perf_counter() - t0)
-            times[k].append(statistics.median(ts))
-    return times
-
-
-def ratio_stats(num: list[float], den: list[float]) -> dict:
-    rs = [a / b for a, b in zip(num, den)]
-    return {"median": statistics.median(rs), "min": min(rs), "per_round": rs}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small widths, N in {16, 32}")
@@ -209,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--widths", type=int, nargs="*", default=None, help="MLP widths (smoke tests)")
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--inner", type=int, default=3, help="calls per round for the fast contenders")
+    parser.add_argument("--min-time", type=float, default=0.2,
+                        help="seconds of timed calls per contender and round (Timer.blocked_autorange)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="data seeds for the accuracy rows")
     parser.add_argument("--train-steps", type=int, default=0, help="SGD steps on a synthetic task first")
     parser.add_argument("--no-cg", action="store_true")
@@ -239,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "woodbury_solve", "widths": widths, "damping": lam, "kind": "mc", "dtype": "float32",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "train_steps": args.train_steps,
-        "train_loss": train_loss, "rounds": args.rounds, "inner": args.inner,
+        "train_loss": train_loss, "rounds": args.rounds, "min_time": args.min_time,
         "machine": platform.processor() or platform.machine(), "capture_guard": has_check, "rows": rows,
     }
 
@@ -307,16 +291,16 @@ def main(argv: list[str] | None = None) -> dict:
                 cg = cg_to_residual(run, v, target, res, args.cg_max_iter,
                                     lambda m: print(m, flush=True))
                 fns["cg"] = lambda: run(v, cg["tolerance"], args.cg_max_iter)
-        times = interleaved(fns, args.rounds, {k: args.inner for k in fns if k != "cg"})
+        times = interleaved(fns, args.rounds, min_run_time=args.min_time)
         row["seconds"] = times
-        row["ratios"] = {f"{k}/fwd_bwd": ratio_stats(times[k], times["fwd_bwd"])
+        row["ratios"] = {f"{k}/fwd_bwd": round_ratios(times[k], times["fwd_bwd"])
                          for k in fns if k != "fwd_bwd"}
-        row["ratios"]["solve/solve32"] = ratio_stats(times["solve"], times["solve32"])
+        row["ratios"]["solve/solve32"] = round_ratios(times["solve"], times["solve32"])
         if has_check:
-            row["ratios"]["build/build_check_off"] = ratio_stats(times["build"], times["build_check_off"])
+            row["ratios"]["build/build_check_off"] = round_ratios(times["build"], times["build_check_off"])
         if cg is not None:
             row["cg"] = cg
-            row["ratios"]["cg/solve"] = ratio_stats(times["cg"], times["solve"])
+            row["ratios"]["cg/solve"] = round_ratios(times["cg"], times["solve"])
         rows.append(row)
         save()
         rt = row["ratios"]

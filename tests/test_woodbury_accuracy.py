@@ -205,7 +205,7 @@ def test_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("woodbury_solve_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--widths", "30", "20", "20", "5", "--ns", "8", "--rounds", "1", "--inner", "1",
+    out = bench.main(["--widths", "30", "20", "20", "5", "--ns", "8", "--rounds", "1", "--min-time", "0",
                       "--no-cg",
                       "--out", str(tmp_path / "w.json")])
     (row,) = out["rows"]
