@@ -214,9 +214,13 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| config | P | Fisher | M | route | curvkit fit s | curvkit 100 samples s | curvkit peak GB "
-            "| laplace-torch fit s | laplace-torch 100 samples s | laplace-torch peak GB | speed-up |")
-    lines = [head, "|" + "---|" * 12]
+    """The Markdown table of ``rows`` (curvkit's one table formatter, imported only here)."""
+    from curvkit.table import format_table
+
+    head = ["config", "P", "Fisher", "M", "route", "curvkit fit s", "curvkit 100 samples s",
+            "curvkit peak GB", "laplace-torch fit s", "laplace-torch 100 samples s",
+            "laplace-torch peak GB", "speed-up"]
+    lines = []
     for r in rows:
         ck, lt = r["curvkit"], r.get("laplace_torch")
         ck_total = None if "error" in ck else ck["fit_s"] + ck["sample_s"]
@@ -234,9 +238,8 @@ def table(rows: list[dict]) -> str:
         else:
             ck_cells = [_fmt(ck["fit_s"]), _fmt(ck["sample_s"]), _fmt(ck["peak_gb"])]
             M, route = str(ck["M"]), ck["route"]
-        lines.append(f"| {r['config']} | {r['P']:,} | {r['kind']} | {M} | {route} | "
-                     + " | ".join(ck_cells) + " | " + " | ".join(lt_cells) + f" | {speed} |")
-    return "\n".join(lines)
+        lines.append([r["config"], f"{r['P']:,}", r["kind"], M, route, *ck_cells, *lt_cells, speed])
+    return format_table(head, lines, style="markdown")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,9 +197,13 @@ def _f(x, spec=".2f"):
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | P | structure | N | curvkit fit s | curvkit peak GB | laplace-torch fit s "
-             "| laplace-torch peak GB | log-evidence curvkit | laplace-torch | rel. diff | same matrix "
-             "| curvkit 2 procs fit s | peak GB per rank |", "|" + "---|" * 14]
+    """The Markdown table of ``rows`` (curvkit's one table formatter, imported only here)."""
+    from curvkit.table import format_table
+
+    head = ["config", "P", "structure", "N", "curvkit fit s", "curvkit peak GB", "laplace-torch fit s",
+            "laplace-torch peak GB", "log-evidence curvkit", "laplace-torch", "rel. diff", "same matrix",
+            "curvkit 2 procs fit s", "peak GB per rank"]
+    lines = []
     for r in rows:
         ck, lt, d2 = r.get("curvkit", {}), r.get("laplace_torch", {}), r.get("curvkit_2", {})
         ev_c, ev_l = ck.get("log_evidence"), lt.get("log_evidence")
@@ -210,8 +214,8 @@ def table(rows: list[dict]) -> str:
                  _f(ev_c, ".6g"), _f(ev_l, ".6g"), _f(rel, ".1e"),
                  "yes" if r["structure"] in SAME_MATRIX else "no (sum of per-batch Kron)",
                  d2.get("error") or _f(d2.get("fit_s")), _f(d2.get("peak_gb"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    return format_table(head, lines, style="markdown")
 
 
 def main(argv: list[str] | None = None) -> int:
