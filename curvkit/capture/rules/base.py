@@ -264,6 +264,51 @@ class LayerAdapter:
         return None
 
 
+class TransposedWeightAdapter(LayerAdapter):
+    """A linear layer whose weight is stored as ``(d_in, d_out)``: the block is ``[Wᵀ | b]``.
+
+    Hugging Face ``Conv1D`` (``y = x W + b``) and ``nn.Embedding`` (``W̃ = Wᵀ`` on one-hot inputs)
+    share this layout: ``d_out`` is the stored weight's second dimension, ``d_w`` its first, and
+    entry ``(o, i)`` of the block reads ``W[i, o]`` (flat position ``i·d_out + o``).
+    """
+
+    @override
+    @property
+    def d_out(self) -> int:
+        """The second dimension of the stored weight."""
+        return int(cast(Tensor, self.module.weight).shape[1])
+
+    @override
+    @property
+    def d_w(self) -> int:
+        """The first dimension of the stored weight."""
+        return int(cast(Tensor, self.module.weight).shape[0])
+
+    @override
+    def layer_index(self, offsets: dict[int, int]) -> Tensor:
+        """Flat positions of ``[Wᵀ | b]`` row-major (entry ``(o, i)`` is ``W[i, o]``)."""
+        m = self.module
+        rows = torch.arange(self.d_out)[:, None]
+        idx = []
+        if self.weight:
+            idx.append(offsets[id(m.weight)] + torch.arange(self.d_w)[None, :] * self.d_out + rows)
+        if self.bias:
+            idx.append(offsets[id(m.bias)] + rows)
+        return torch.cat(idx, dim=1).reshape(-1)
+
+    @override
+    def span(self, offsets: dict[int, int]) -> tuple[int, int] | None:
+        """A contiguous slice only for the bias alone or a weight with one row or column."""
+        m = self.module
+        if self.bias and not self.weight:
+            b0 = offsets[id(m.bias)]
+            return b0, b0 + self.size
+        if self.weight and not self.bias and (self.d_out == 1 or self.d_w == 1):
+            w0 = offsets[id(m.weight)]
+            return w0, w0 + self.size
+        return None
+
+
 class ExplicitAdapter(LayerAdapter):
     """Base of rules that give per-sample gradients in explicit form (``T = d_in = 1``).
 

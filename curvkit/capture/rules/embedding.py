@@ -29,29 +29,19 @@ from typing import ClassVar, cast
 import torch
 from torch import Tensor, nn
 
-from curvkit.capture.rules.base import LayerAdapter, UnsupportedLayerError
+from curvkit.capture.rules.base import TransposedWeightAdapter, UnsupportedLayerError
 from curvkit.linalg import LowRankFactor
 from curvkit.linalg.onehot import OneHotFactor
 
 
-class EmbeddingAdapter(LayerAdapter):
-    """``nn.Embedding``: ``W̃ = Wᵀ`` on one-hot inputs given by their indices."""
+class EmbeddingAdapter(TransposedWeightAdapter):
+    """``nn.Embedding``: ``W̃ = Wᵀ`` (``d_out = d``, ``d_w = V``) on one-hot inputs given by their indices."""
 
     standard: ClassVar[bool] = False
     family: ClassVar[str] = "embedding"
     handles: ClassVar[tuple[str, ...]] = ("weight",)
     #: ``a`` holds indices ``(N, T, 1)``, not dense inputs (:meth:`project_inputs`).
     one_hot: ClassVar[bool] = True
-
-    @property
-    def d_out(self) -> int:
-        """``d``: the embedding dimension."""
-        return int(cast(Tensor, self.module.weight).shape[1])
-
-    @property
-    def d_w(self) -> int:
-        """``V``: the number of embeddings (one-hot width)."""
-        return int(cast(Tensor, self.module.weight).shape[0])
 
     def check(self) -> None:
         """Refuse ``max_norm`` (the forward changes the weight in place)."""
@@ -107,16 +97,3 @@ class EmbeddingAdapter(LayerAdapter):
     def input_norms(self, a: Tensor, dtype: torch.dtype) -> Tensor:
         """``‖a_{nt}‖``, ``(N, T)``: 1, or 0 at padding."""
         return (a[..., 0] >= 0).to(dtype)
-
-    def layer_index(self, offsets: dict[int, int]) -> Tensor:
-        """Flat positions of ``Wᵀ`` row-major (block entry ``(o, v)`` is ``W[v, o]``)."""
-        w = self.module.weight
-        rows = torch.arange(self.d_out)[:, None]
-        return (offsets[id(w)] + torch.arange(self.d_w)[None, :] * self.d_out + rows).reshape(-1)
-
-    def span(self, offsets: dict[int, int]) -> tuple[int, int] | None:
-        """A contiguous slice only when ``Wᵀ`` is read in storage order (``d = 1`` or ``V = 1``)."""
-        if self.d_out == 1 or self.d_w == 1:
-            w0 = offsets[id(self.module.weight)]
-            return w0, w0 + self.size
-        return None
