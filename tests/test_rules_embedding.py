@@ -259,3 +259,33 @@ def test_outer_factor_with_positions_chunks_its_products(monkeypatch):
     torch.testing.assert_close(f.rmatmat(X), U.T @ X)
     other = DenseFactor(torch.randn(10, 3, generator=g, dtype=f64))
     torch.testing.assert_close(f.cross_gram64(other), U.T @ other.U)
+
+
+def test_guard_fires_on_broken_embedding_rule(monkeypatch):
+    """The capture guard checks the Embedding rule: wrong indices or a weight layout read
+    untransposed raise ``CaptureMismatchError`` naming the layer, for every structure."""
+    from curvkit.capture import CaptureMismatchError
+    from curvkit.capture.rules.base import LayerAdapter
+
+    ids, labels = _data()
+    model = _model()
+    original = EmbeddingAdapter.inputs
+
+    def shifted(self, x, module=None, batch_size=None):
+        a = original(self, x, module, batch_size)
+        return torch.where(a >= 0, (a + 1) % self.d_w, a)
+
+    match = r"Capture check failed for layer 'emb' \(Embedding\)"
+    with monkeypatch.context() as mp:
+        mp.setattr(EmbeddingAdapter, "inputs", shifted)
+        for structure in ("full", "block_diag", "kfac", "diag"):
+            with pytest.raises(CaptureMismatchError, match=match):
+                curvkit.fisher(model, ids, labels, kind="empirical", structure=structure,
+                              params=_params(model))
+    with monkeypatch.context() as mp:  # Wᵀ read in storage order, as a Linear's W would be
+        mp.setattr(EmbeddingAdapter, "layer_index", LayerAdapter.layer_index)
+        mp.setattr(EmbeddingAdapter, "span", lambda self, offsets: None)
+        with pytest.raises(CaptureMismatchError, match=match):
+            curvkit.fisher(model, ids, labels, kind="empirical", structure="full", params=_params(model))
+    # the real rule passes
+    curvkit.fisher(model, ids, labels, kind="empirical", structure="full", params=_params(model))
