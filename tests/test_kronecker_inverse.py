@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from curvkit.linalg import Kronecker
-from curvkit.linalg.kronecker_inverse import KroneckerInverse, all_finite, damped_side, holds_factor
+from curvkit.linalg.finite import all_finite
+from curvkit.linalg.kronecker_inverse import KroneckerInverse, damped_side, holds_factor
 from curvkit.optim import FOOF, KFAC
 
 f64 = torch.float64

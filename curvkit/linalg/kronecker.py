@@ -42,10 +42,10 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from curvkit.linalg.finite import all_finite
 from curvkit.linalg.kronecker_inverse import (  # noqa: F401  (re-exported: the inversion rules)
     FLOAT32_MAX_COND,
     KroneckerInverse,
-    all_finite,
     damped_inverse,
     damped_side,
     factorisation_dtype,

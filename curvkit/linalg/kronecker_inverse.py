@@ -31,24 +31,16 @@ import torch
 from torch import Tensor
 
 from curvkit.linalg.cholesky import damped_cholesky
+from curvkit.linalg.finite import all_finite
 from curvkit.linalg.operator import SingularError
 
-__all__ = ["FLOAT32_MAX_COND", "DAMPING_MODES", "KroneckerInverse", "all_finite", "damped_inverse",
+__all__ = ["FLOAT32_MAX_COND", "DAMPING_MODES", "KroneckerInverse", "damped_inverse",
            "damped_side", "factorisation_dtype", "holds_factor"]
 
 #: Largest condition bound ``1 + tr(S)/λ`` at which a float32 ``S + λI`` is factorised in float32.
 FLOAT32_MAX_COND = 1e3
 #: The damping modes of a Kronecker block (see :mod:`curvkit.linalg.kronecker`).
 DAMPING_MODES = ("exact", "heuristic")
-
-
-def all_finite(x: Tensor) -> bool:
-    """Whether every entry of ``x`` is finite.
-
-    One reduction: a finite sum implies finite entries (NaN and ±inf propagate); the elementwise
-    test runs only when the sum is not finite (it may overflow on finite entries).
-    """
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def factorisation_dtype(S: Tensor, damping: float) -> torch.dtype:
