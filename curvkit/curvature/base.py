@@ -10,14 +10,15 @@ wraps an operator in *layer space*, where layer ``l`` occupies ``vec_r(W̃_l)`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from curvkit.capture import Captured, LayerAdapter
+from curvkit.curvature.permutation import LayerPermutation
 from curvkit.linalg import LinearOperator
+from curvkit.linalg.operator import Damping
 
 FISHER_FORMULAS = {
     "exact": "F = (1/N) Σₙ E_{y∼p(·|xₙ)}[g gᵀ]",
@@ -40,6 +41,9 @@ class Curvature(LinearOperator):
         num_data: ``N``, the batch size the mean Fisher is taken over.
         operator: the layer-space operator.
         captured: per-layer inputs/errors when the structure used them (else ``None``).
+        permutation: the parameter ↔ layer-space map (:class:`LayerPermutation`), built from
+            ``index``: the flat positions of the layer-space entries, or per layer its flat
+            ``(start, stop)`` slice or positions, or ``None`` for the identity.
     """
 
     def __init__(
@@ -47,7 +51,7 @@ class Curvature(LinearOperator):
         operator: LinearOperator,
         params: Sequence[nn.Parameter],
         layers: Sequence[LayerAdapter],
-        index: Tensor | None,
+        index: Tensor | Sequence[Tensor | tuple[int, int]] | None,
         *,
         kind: str | None,
         likelihood: str,
@@ -70,14 +74,12 @@ class Curvature(LinearOperator):
         self.info = dict(info or {})
         self.damping_modes = operator.damping_modes
         self._identity = index is None
-        self._index = None if index is None else index.to(self.device)
+        self.permutation = LayerPermutation(index, [p.shape for p in self.params], self.device)
 
     @property
     def index(self) -> Tensor:
         """Flat positions of the layer-space entries: ``layer_vector = flat_vector[index]``."""
-        if self._index is None:
-            return torch.arange(self.shape[0], device=self.device)
-        return self._index
+        return self.permutation.index
 
     # ------------------------------------------------------------------ description
     @property
@@ -93,24 +95,32 @@ class Curvature(LinearOperator):
                 f"{self.formula})")
 
     # ------------------------------------------------------------------ layout
-    @cached_property
-    def _inverse_index(self) -> Tensor:
-        inv = torch.empty_like(self.index)
-        inv[self.index] = torch.arange(self.index.shape[0], device=self.device)
-        return inv
-
     def to_layer_space(self, X: Tensor) -> Tensor:
         """Flat parameter-space ``(P, k)`` -> layer-space ``(P, k)``."""
-        return X if self._identity else X[self.index]
+        return self.permutation.to_layer(X)
 
     def from_layer_space(self, Y: Tensor) -> Tensor:
         """Layer-space ``(P, k)`` -> flat parameter-space ``(P, k)``."""
-        if self._identity:
-            return Y
-        inv = self._inverse_index  # out[index] = Y, as a gather (faster than the scatter)
-        if Y.dim() == 2 and Y.shape[1] > 1 and Y.stride(0) == 1:  # column-major: gather columns of Yᵀ
-            return Y.T.index_select(1, inv).T
-        return Y.index_select(0, inv)
+        return self.permutation.from_layer(Y)
+
+    # lists go to layer space in one concatenation and come back as views of the layer-space
+    # result where the layout allows it (see :mod:`curvkit.curvature.permutation`)
+    def _matmat_list(self, v: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor] | None:
+        if not self.permutation.direct_lists:
+            return None
+        self._check_list(v, "v")
+        X = self.permutation.list_to_layer(v)
+        return self.permutation.layer_to_list(self.operator._matmat(X))
+
+    def _solve_list(self, v: list[Tensor] | tuple[Tensor, ...], damping: Damping,
+                    damping_mode: str) -> list[Tensor] | None:
+        if not self.permutation.direct_lists:
+            return None
+        self._check_list(v, "v")
+        X = self.permutation.list_to_layer(v)
+        self._check_rhs(X)
+        Y = self.operator._solve(X, self._layer_damping(damping), damping_mode)
+        return self.permutation.layer_to_list(Y)
 
     def layer_matrices(self, v) -> list[Tensor]:
         """Split a vector (any format) into per-layer ``W̃_l`` matrices ``(d_out, d_in)``."""
@@ -171,12 +181,12 @@ class Curvature(LinearOperator):
     def diagonal(self) -> Tensor:
         """The diagonal of ``F`` as a ``(P,)`` tensor, in ``params`` order."""
         d = self.operator.diagonal()
-        return d if self._identity else d[self._inverse_index]
+        return d if self._identity else self.from_layer_space(d[:, None])[:, 0]
 
     def to_dense(self) -> Tensor:
         """The explicit ``(P, P)`` matrix ``F`` in ``params`` order."""
         D = self.operator.to_dense()
         if self._identity:
             return D
-        inv = self._inverse_index
+        inv = self.permutation.inverse_index
         return D[inv][:, inv]

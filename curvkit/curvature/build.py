@@ -101,11 +101,14 @@ class BuildContext:
         return batch_size(self.inputs)
 
 
-def layer_index(params: Sequence[nn.Parameter], layers: Sequence[LayerAdapter]) -> Tensor | None:
-    """Flat-vector positions of the layer-space layout (see :class:`Curvature`).
+def layer_index(params: Sequence[nn.Parameter],
+                layers: Sequence[LayerAdapter]) -> list[Tensor | tuple[int, int]] | None:
+    """Flat-vector positions of the layer-space layout (see :class:`Curvature`), per layer.
 
     Returns ``None`` when the layout is the identity (every layer block is the next slice of the
-    flat vector, see :meth:`LayerAdapter.span`), so no ``P``-sized index is built.
+    flat vector, see :meth:`LayerAdapter.span`); otherwise one entry per layer: its flat
+    ``(start, stop)`` slice when it has one, else its positions. No ``P``-sized index is built
+    (:class:`~curvkit.curvature.permutation.LayerPermutation` makes one only if asked).
     """
     offsets, off = {}, 0
     for p in params:
@@ -120,11 +123,11 @@ def layer_index(params: Sequence[nn.Parameter], layers: Sequence[LayerAdapter]) 
     else:
         if pos == off:
             return None
-    parts = []
-    for layer in layers:  # contiguous blocks as one arange; only the others index entry by entry
+    parts: list[Tensor | tuple[int, int]] = []
+    for layer in layers:  # contiguous blocks as a slice; only the others index entry by entry
         span = layer.span(offsets)
-        parts.append(torch.arange(*span) if span is not None else layer.layer_index(offsets))
-    return torch.cat(parts)
+        parts.append(span if span is not None else layer.layer_index(offsets))
+    return parts
 
 
 def resolve_params(model: nn.Module, params) -> list[nn.Parameter]:

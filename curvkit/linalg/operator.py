@@ -169,22 +169,8 @@ class LinearOperator:
         """Convert ``v`` to a ``(P, k)`` tensor; return it with a tag describing the format."""
         P = self.shape[0]
         if isinstance(v, (list, tuple)):
-            if self.block_shapes is None:
-                raise TypeError(f"{self.name} has no block shapes; pass a flat tensor of shape ({P},)")
-            if len(v) != len(self.block_shapes):
-                raise ValueError(
-                    f"{what} has {len(v)} tensors but {self.name} expects {len(self.block_shapes)} "
-                    f"shaped {[tuple(s) for s in self.block_shapes]}"
-                )
-            cols = []
-            for i, (t, s) in enumerate(zip(v, self.block_shapes)):
-                if not isinstance(t, Tensor):
-                    raise TypeError(f"{what}[{i}] is {type(t).__name__}, expected a torch.Tensor")
-                if t.shape != s:
-                    raise ValueError(f"{what}[{i}] has shape {tuple(t.shape)}, expected {tuple(s)}")
-                self._check_tensor(t, f"{what}[{i}]")
-                cols.append(t.reshape(-1))
-            return torch.cat(cols).unsqueeze(1), "list"
+            self._check_list(v, what)
+            return torch.cat([t.reshape(-1) for t in v]).unsqueeze(1), "list"
         if not isinstance(v, Tensor):
             raise TypeError(f"{what} must be a Tensor or a list of Tensors, got {type(v).__name__}")
         self._check_tensor(v, what)
@@ -196,6 +182,29 @@ class LinearOperator:
             f"{what} has shape {tuple(v.shape)}; {self.name} of shape {self.shape} accepts ({P},), "
             f"({P}, k) or a list of tensors shaped like its parameters"
         )
+
+    def _check_list(self, v: list[Tensor] | tuple[Tensor, ...], what: str) -> None:
+        """Check a list-format vector: one tensor per block, right shapes, dtype and device."""
+        if self.block_shapes is None:
+            raise TypeError(f"{self.name} has no block shapes; pass a flat tensor of shape "
+                            f"({self.shape[0]},)")
+        if len(v) != len(self.block_shapes):
+            raise ValueError(
+                f"{what} has {len(v)} tensors but {self.name} expects {len(self.block_shapes)} "
+                f"shaped {[tuple(s) for s in self.block_shapes]}"
+            )
+        for i, (t, s) in enumerate(zip(v, self.block_shapes)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{what}[{i}] is {type(t).__name__}, expected a torch.Tensor")
+            if t.shape != s:
+                raise ValueError(f"{what}[{i}] has shape {tuple(t.shape)}, expected {tuple(s)}")
+            self._check_tensor(t, f"{what}[{i}]")
+
+    def _check_rhs(self, X: Tensor) -> None:
+        """Refuse a right-hand side with NaN or Inf entries (a solve of it is undefined)."""
+        if not all_finite(X):
+            raise ValueError(f"the right-hand side of {self.name}.solve has NaN or Inf entries; "
+                             "check the gradients or vectors passed (a solve of them is undefined)")
 
     def _check_tensor(self, t: Tensor, what: str) -> None:
         if t.dtype != self.dtype:
@@ -231,8 +240,21 @@ class LinearOperator:
             from curvkit.linalg.compose import _Product
 
             return _Product(self, v)
+        if isinstance(v, (list, tuple)):
+            out = self._matmat_list(v)
+            if out is not None:
+                return out
         X, fmt = self._to_matrix(v)
         return self._from_matrix(self._matmat(X), fmt)
+
+    # list-format fast paths: an operator whose internal layout differs from the flat vector
+    # (a Curvature in layer space) may take a list straight to its layout; None = the flat route
+    def _matmat_list(self, v: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor] | None:
+        return None
+
+    def _solve_list(self, v: list[Tensor] | tuple[Tensor, ...], damping: Damping,
+                    damping_mode: str) -> list[Tensor] | None:
+        return None
 
     @overload
     def matvec(self, v: Tensor) -> Tensor: ...
@@ -305,10 +327,12 @@ class LinearOperator:
         """
         self._check_mode(damping_mode)
         damping = self._check_damping(damping)
+        if isinstance(v, (list, tuple)):
+            out = self._solve_list(v, damping, damping_mode)
+            if out is not None:
+                return out
         X, fmt = self._to_matrix(v)
-        if not all_finite(X):
-            raise ValueError(f"the right-hand side of {self.name}.solve has NaN or Inf entries; "
-                             "check the gradients or vectors passed (a solve of them is undefined)")
+        self._check_rhs(X)
         return self._from_matrix(self._solve(X, damping, damping_mode), fmt)
 
     def sample(self, k: int, damping: Damping = 0.0,

@@ -29,7 +29,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from curvkit.linalg.lowrank import CHUNK_BYTES, LowRankFactor, rank_one_split
-from curvkit.linalg.memory import check_memory
+from curvkit.linalg.memory import check_memory, scratch
+from curvkit.linalg.outer_quad import WeightedBlockGrams
 
 #: Entries of the float64 row-chunk buffer of the float64-accumulated products (2 MB).
 CHUNK64 = 2**18
@@ -46,7 +47,7 @@ def colmajor(X: Tensor) -> Tensor:
     return X if X.dim() != 2 or X.stride(0) == 1 else X.T.contiguous().T
 
 
-class OuterProductFactor(LowRankFactor):
+class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
     """Layer factor ``U`` from inputs ``a (N, T, d_in)`` and errors ``e (N·R, T, d_out)``.
 
     Args:
@@ -133,9 +134,19 @@ class OuterProductFactor(LowRankFactor):
 
     @override
     def gram(self) -> Tensor:
-        if self.gram_route == "per_sample":
-            g = self.per_sample_gradients().reshape(self.rank, -1)
-            return g @ g.T
+        if self.gram_route == "per_sample":  # K = Σ over row chunks o' of G_{o'} G_{o'}ᵀ
+            N, R, T, o, d, M = self.N, self.R, self.T, self.d_out, self.d_in, self.rank
+            K = torch.zeros(M, M, dtype=self.dtype, device=self.device)
+            e = self.e.reshape(N, R, T, o)
+            rows = max(1, 4 * CHUNK64 // (M * d))  # (M, rows·d) gradient rows per chunk
+            for i in range(0, o, rows):
+                n = min(rows, o - i)
+                ei = e[..., i:i + n].permute(0, 1, 3, 2).reshape(N, R * n, T)
+                g = scratch("outer.G", (N, R * n, d), self.dtype, self.device)
+                torch.bmm(ei, self.a, out=g)  # per-sample gradients of rows i … i+n
+                g = g.view(M, n * d)
+                K.addmm_(g, g.T)
+            return K
         if self.T == 1:
             Ka = self.a[:, 0, :] @ self.a[:, 0, :].T
             Ke = self.e[:, 0, :] @ self.e[:, 0, :].T
@@ -185,9 +196,10 @@ class OuterProductFactor(LowRankFactor):
         """This factor with float64 copies of ``a`` and ``e`` (cached; ``self`` when float64)."""
         if self.dtype == torch.float64:
             return self
-        if self._f64 is None:
-            self._f64 = OuterProductFactor(self.a.to(torch.float64), self.e.to(torch.float64),
-                                           self.gram_route)
+        if self._f64 is None:  # contiguous, so the (N·T, d) views of the products copy nothing
+            a = self.a.to(torch.float64, memory_format=torch.contiguous_format)
+            e = self.e.to(torch.float64, memory_format=torch.contiguous_format)
+            self._f64 = OuterProductFactor(a, e, self.gram_route)
         return self._f64
 
     @override
@@ -215,44 +227,54 @@ class OuterProductFactor(LowRankFactor):
         return K
 
     def rmatmat64(self, X: Tensor) -> Tensor:
-        """``Uᵀ X`` accumulated in float64; ``X`` ``(P, k)`` of any float dtype -> ``(M, k)`` float64."""
+        """``Uᵀ X`` accumulated in float64; ``X`` ``(P, k)`` of any float dtype -> ``(M, k)`` float64.
+
+        ``X`` is widened in row chunks of ``V_k = mat_r(X[:, k])`` (``CHUNK64`` entries), so no
+        ``P``-sized float64 copy is made; with ``A = a`` as ``(N·T, d_in)`` rows,
+        ``u_{nr} = Σ_t e_{nrt}ᵀ (V a_{nt})`` takes one GEMM ``V_chunk Aᵀ`` per chunk.
+        """
         f = self._as64()
-        if self.T != 1 or X.dtype == torch.float64:  # float64 X: the plain GEMMs of the float64 factor
-            return f.rmatmat(X.to(torch.float64))
-        k, o, d = X.shape[1], self.d_out, self.d_in
-        a, e = f.a[:, 0, :], f.e[:, 0, :]
+        if X.dtype == torch.float64:  # float64 X: the plain GEMMs of the float64 factor
+            return f.rmatmat(X)
+        k, o, d, N, R, T = X.shape[1], self.d_out, self.d_in, self.N, self.R, self.T
         V = X.T.reshape(k, o, d)  # (k, o, d): V_k = mat_r(X[:, k]), a view for k = 1
         rows = max(1, CHUNK64 // (k * d))
-        buf = torch.empty(k, min(rows, o), d, dtype=torch.float64, device=self.device)
-        if self.R == 1:  # u_n = Σ_d (E V)_{nd} a_{nd}: E V accumulated over row chunks of V
+        buf = scratch("outer.V", (k, min(rows, o), d), torch.float64, self.device)
+        if R == 1 and T == 1:  # u_n = Σ_d (E V)_{nd} a_{nd}: E V accumulated over row chunks of V
+            a, e = f.a[:, 0, :], f.e[:, 0, :]
             EV = torch.zeros(k, self.rank, d, dtype=torch.float64, device=self.device)
             for i in range(0, o, rows):
                 n = min(rows, o - i)
                 EV.baddbmm_(e[:, i:i + n].expand(k, -1, -1), buf[:, :n].copy_(V[:, i:i + n]))
             return torch.einsum("knd,nd->nk", EV, a)
-        out = torch.zeros(self.N, self.R, k, dtype=torch.float64, device=self.device)
-        e = e.reshape(self.N, self.R, o)
-        for i in range(0, o, rows):  # u_{nr} = e_{nr}ᵀ (V a_n), V a_n over row chunks of V
+        A = f.a.reshape(N * T, d)
+        out = torch.zeros(N, R, k, dtype=torch.float64, device=self.device)
+        e = f.e.reshape(N, R, T, o)
+        for i in range(0, o, rows):  # u_{nr} = Σ_t e_{nrt}ᵀ (V a_{nt}), V A over row chunks of V
             n = min(rows, o - i)
-            VA = torch.matmul(buf[:, :n].copy_(V[:, i:i + n]), a.T)  # (k, n, N)
-            out += torch.einsum("nro,kon->nrk", e[:, :, i:i + n], VA)
+            VA = scratch("outer.VA", (k, n, N * T), torch.float64, self.device)
+            torch.matmul(buf[:, :n].copy_(V[:, i:i + n]), A.T, out=VA)
+            VA = VA.view(k, n, N, T)
+            out += torch.einsum("nrto,kont->nrk", e[..., i:i + n], VA)
         return out.reshape(self.rank, k)
 
     def sub_matmat64(self, X: Tensor, W: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
-        """``scale · (X − U W)`` accumulated in float64, rounded once to ``X.dtype`` (into ``out``)."""
+        """``scale · (X − U W)`` accumulated in float64, rounded once to ``X.dtype`` (into ``out``).
+
+        ``U W = vec_r(Ẽᵀ A)`` with ``Ẽ_{k,(n,t)} = Σ_r W_{nr,k} e_{nrt}`` and ``A = a`` as
+        ``(N·T, d_in)`` rows: one GEMM accumulated into a float64 copy of a row chunk of ``X``
+        (or of several right-hand sides), so no ``P``-sized float64 temporary is made.
+        """
         f = self._as64()
         W = W.to(torch.float64)
         if out is None:
             out = torch.empty_like(X)
-        if self.T != 1:
-            Y = X.to(torch.float64, copy=True)
-            Y -= f.matmat(W)
-            return out.copy_(Y.mul_(scale))
-        k, o, d = X.shape[1], self.d_out, self.d_in
-        a, e = f.a[:, 0, :], f.e[:, 0, :].reshape(self.N, self.R, o)
-        Ew = torch.einsum("nrk,nro->kon", W.reshape(self.N, self.R, k), e)  # (k, o, N)
+        k, o, d, N, R, T = X.shape[1], self.d_out, self.d_in, self.N, self.R, self.T
+        a = f.a.reshape(N * T, d)
+        Ew = torch.einsum("nrk,nrto->kont", W.reshape(N, R, k), f.e.reshape(N, R, T, o))
+        Ew = Ew.reshape(k, o, N * T)  # (k, o, N·T)
         Xv, Ov = X.T.reshape(k, o, d), out.T.reshape(k, o, d)  # views (split of one dimension)
-        if o * d <= BATCH64:  # small blocks: several right-hand sides per batched GEMM
+        if k > 1 and o * d <= BATCH64:  # small blocks: several right-hand sides per batched GEMM
             kk = max(1, BATCH64 // (o * d))
             for j in range(0, k, kk):
                 jj = min(kk, k - j)
@@ -261,7 +283,7 @@ class OuterProductFactor(LowRankFactor):
                 Ov[j:j + jj].copy_(Y)
             return out
         rows = max(1, CHUNK64 // d)
-        buf = torch.empty(min(rows, o), d, dtype=torch.float64, device=self.device)
+        buf = scratch("outer.X", (min(rows, o), d), torch.float64, self.device)
         for j in range(k):
             for i in range(0, o, rows):
                 n = min(rows, o - i)
@@ -363,97 +385,6 @@ class OuterProductFactor(LowRankFactor):
             e = self.e[:, 0, :].double().reshape(self.N, R, self.d_out)
             return aa[:, None, None] * (e @ e.transpose(1, 2))
         return super().block_grams64(R)
-
-    # ------------------------------------------------------------------ weighted block Grams
-    def quad_routes_flops(self) -> dict[str, float]:
-        """Flops per input of the two routes of :meth:`weighted_block_grams64` (``R = self.R``).
-
-        ``"pairs"``: ``Σ_d a_{td} a_{t'd} w_{od}`` for every location pair, then two contractions
-        with ``e``: ``T²·d_in·d_out + T²·d_in + R·T²·d_out + R²·T·d_out``. ``"per_sample"``: the
-        ``R`` per-column gradients, then their weighted Gram: ``R·T·d_in·d_out + R²·d_in·d_out``.
-        For ``T = 1`` the pair route is ``d_in·d_out + R²·d_out`` and always the cheaper one.
-        """
-        T, R, d, o = self.T, self.R, self.d_in, self.d_out
-        return {"pairs": float(T * T * d * o + T * T * d + R * T * T * o + R * R * T * o),
-                "per_sample": float(R * T * d * o + R * R * d * o)}
-
-    def quad_route(self) -> str:
-        """The route of :meth:`weighted_block_grams64` with fewer flops.
-
-        The rule is stated in :meth:`quad_routes_flops`; ``T = 1`` is always ``"pairs"``.
-        """
-        if self.T == 1:
-            return "pairs"
-        f = self.quad_routes_flops()
-        return "pairs" if f["pairs"] <= f["per_sample"] else "per_sample"
-
-    def quad_bytes_per_input(self, route: str | None = None) -> int:
-        """float64 working bytes per input of :meth:`weighted_block_grams64` on ``route``."""
-        T, R, d, o = self.T, self.R, self.d_in, self.d_out
-        route = route or self.quad_route()
-        base = T * d + R * T * o
-        if route == "pairs":
-            work = (T * T * (d + o) + 2 * R * T * o) if T > 1 else (d + o + R * o)
-        else:
-            work = 2 * R * o * d
-        return 8 * (2 * base + work + R * R)
-
-    def weighted_block_grams64(self, w: Tensor, route: str | None = None) -> Tensor:
-        """Diagonal ``R × R`` blocks of ``Uᵀ diag(vec_r w) U`` for a weight grid ``w (d_out, d_in)``.
-
-        Block ``n`` is ``Q_n[r, r'] = Σ_{o,d} w_{od} G_{nr,od} G_{nr',od}`` with the per-column
-        gradient ``G_{nr} = Σ_t e_{nrt} a_{nt}ᵀ``, formed without the ``P × M`` matrix::
-
-            T = 1:  Q_n[r, r'] = Σ_o e_{nro} e_{nr'o} W_{no},  W = (a ⊙ a) wᵀ  ((N × d_in)(d_in × d_out))
-            T > 1:  Q_n[r, r'] = Σ_{t,t',o} e_{nrto} e_{nr't'o} W_{ntt'o},
-                    W_{ntt'o} = Σ_d a_{ntd} a_{nt'd} w_{od}
-                    ("pairs"), or the per-column gradients and their weighted Gram ("per_sample");
-                    the route with fewer flops is used (:meth:`quad_route`).
-
-        Computed in float64, chunked over inputs so that the working memory stays within
-        ``CHUNK_BYTES`` (one input that needs more is memory-checked, GB stated). Used by the
-        Kronecker (in its eigenbasis) and diagonal operators for GLM functional variances.
-
-        Args:
-            w: ``(d_out, d_in)`` weights (e.g. ``1 / (s_B s_Aᵀ + δ)``), any float dtype.
-            route: ``"pairs"``, ``"per_sample"`` or ``None`` (the cheaper).
-
-        Returns:
-            ``(N, R, R)`` float64.
-
-        Raises:
-            ValueError: ``w`` has the wrong shape or ``route`` is unknown.
-            MemoryError: one input's working memory would not fit.
-        """
-        if tuple(w.shape) != (self.d_out, self.d_in):
-            raise ValueError(f"w must have shape ({self.d_out}, {self.d_in}), got {tuple(w.shape)}")
-        route = route or self.quad_route()
-        if route not in ("pairs", "per_sample"):
-            raise ValueError(f"route must be 'pairs' or 'per_sample', got {route!r}")
-        N, R, T, d, o = self.N, self.R, self.T, self.d_in, self.d_out
-        per_input = self.quad_bytes_per_input(route)
-        check_memory(per_input, f"the functional variance of one input through a {o}×{d} layer "
-                     f"(T = {T}, route {route!r})", self.device)
-        c = max(1, min(N, CHUNK_BYTES // per_input))
-        w = w.to(device=self.device, dtype=torch.float64)
-        out = torch.empty(N, R, R, dtype=torch.float64, device=self.device)
-        for i in range(0, N, c):
-            a = self.a[i:i + c].to(torch.float64)
-            e = self.e[i * R:(i + c) * R].to(torch.float64)
-            n = a.shape[0]
-            if T == 1:
-                W = (a[:, 0, :] ** 2) @ w.T  # (n, o)
-                e = e[:, 0, :].reshape(n, R, o)
-                out[i:i + n] = torch.bmm(e * W[:, None, :], e.transpose(1, 2))
-            elif route == "pairs":
-                pairs = (a[:, :, None, :] * a[:, None, :, :]).reshape(n, T * T, d) @ w.T
-                e = e.reshape(n, R, T, o)
-                X = torch.einsum("nrto,ntso->nrso", e, pairs.reshape(n, T, T, o))
-                out[i:i + n] = torch.bmm(X.reshape(n, R, T * o), e.reshape(n, R, T * o).transpose(1, 2))
-            else:
-                g = torch.einsum("nrto,ntd->nrod", e.reshape(n, R, T, o), a).reshape(n, R, o * d)
-                out[i:i + n] = torch.bmm(g * w.reshape(1, 1, -1), g.transpose(1, 2))
-        return out
 
     def rotated(self, U_in: Tensor | None, U_out: Tensor | None) -> OuterProductFactor:
         """The float64 factor of ``(U_out ⊗ U_in)ᵀ U``: inputs ``a U_in``, errors ``e U_out``.
