@@ -17,6 +17,7 @@ from curvkit.capture.hooks import BackwardRoute, errors_by_backward, layer_error
 from curvkit.capture.inputs import OutputFn, batch_size, forward, input_tensors
 from curvkit.capture.layers import LayerAdapter
 from curvkit.capture.targets import num_loss_terms, output_seeds
+from curvkit.linalg.finite import all_finite
 
 
 @dataclass
@@ -237,7 +238,7 @@ def capture_columns(
         a = [pairs[id(layer)][0] for layer in layers]
         e = [pairs[id(layer)][1] for layer in layers]
         for layer, ai, ei in zip(layers, a, e):
-            if not (torch.isfinite(ai).all() and torch.isfinite(ei).all()):
+            if not (all_finite(ai) and all_finite(ei)):
                 raise FloatingPointError(f"non-finite inputs or errors at layer {layer.describe()}")
         backward = None if route is None else \
             (lambda v: (route.run(outputs, v), route.leaf_grads)[1])
@@ -263,7 +264,7 @@ def capture_inputs(model: nn.Module, inputs, layers: Sequence[LayerAdapter], *,
         rec.check_complete(layers)
         recorded = cast("list[Tensor]", rec.inputs)  # check_complete: every input recorded
         for layer, a in zip(layers, recorded):
-            if not torch.isfinite(a).all():
+            if not all_finite(a):
                 raise FloatingPointError(f"non-finite inputs at layer {layer.describe()}")
         if check:
             gen = torch.Generator(device=outputs.device).manual_seed(0)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from curvkit.capture.guard import CheckSchedule, verify_capture
 from curvkit.capture.layers import LayerAdapter
+from curvkit.linalg.finite import all_finite
 
 
 class WeightSharingError(RuntimeError):
@@ -392,7 +393,7 @@ def _guard_hook(ref, model: nn.Module):
                 or any(o is None for o in rec.outputs):
             return  # nothing to check against (the optimizer reports missing layers itself)
         flat = out.reshape(out.shape[0], -1)
-        if not bool(torch.isfinite(flat.detach()).all()):
+        if not all_finite(flat.detach()):
             return  # the optimizer refuses the step with its own message
         gen = torch.Generator(device=flat.device).manual_seed(0)
         seeds = torch.randn(flat.shape[0], 1, flat.shape[1], generator=gen, device=flat.device,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from curvkit.capture.hooks import Recorder, in_functorch, layer_errors
 from curvkit.capture.inputs import as_logits
 from curvkit.capture.targets import KINDS, LIKELIHOODS, check_choice, output_seeds
+from curvkit.linalg.finite import all_finite
 
 
 class ErrorRecorder:
@@ -97,7 +98,7 @@ class ErrorRecorder:
         output = as_logits(output)
         if any(o is None for o in rec.records.outputs):
             return  # a tracked layer was not called; the optimizer reports it at step()
-        if not torch.isfinite(output.detach()).all():
+        if not all_finite(output.detach()):
             self.nonfinite = True
             return
         if self.generator is not None:

@@ -53,6 +53,8 @@ import math
 import torch
 from torch import Tensor
 
+from curvkit.linalg.finite import all_finite
+
 LIKELIHOODS = ("classification", "regression", "binary")
 KINDS = ("exact", "mc", "empirical")
 
@@ -73,7 +75,7 @@ def check_outputs(outputs: Tensor, likelihood: str) -> None:
             f"the model output must be at least 2-D (N, C) or (N, ..., C) for likelihood "
             f"{likelihood!r}, got shape {tuple(outputs.shape)}"
         )
-    if not torch.isfinite(outputs).all():
+    if not all_finite(outputs):
         raise FloatingPointError("the model output has non-finite values (nan/inf)")
 
 
@@ -102,7 +104,7 @@ def check_targets(outputs: Tensor, targets: Tensor, likelihood: str,
                 f"{likelihood} targets must have the output shape {tuple(outputs.shape)}, got "
                 f"{tuple(targets.shape)}"
             )
-        if not torch.isfinite(targets).all():
+        if not all_finite(targets):
             raise FloatingPointError("targets have non-finite values")
 
 
