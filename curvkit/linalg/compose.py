@@ -107,7 +107,8 @@ class _Scaled(LinearOperator):
 
     def _sample(self, k: int, damping: Damping, generator: torch.Generator | None) -> Tensor:
         self._nonzero()
-        return self.a._sample(k, damping / self.c, generator) / math.sqrt(self.c)
+        # draws are fresh tensors: scaled in place (no second (P, k) allocation)
+        return self.a._sample(k, damping / self.c, generator).div_(math.sqrt(self.c))
 
     def _inverse_diagonal(self, damping: Damping) -> Tensor:
         self._nonzero()

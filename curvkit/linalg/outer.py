@@ -296,11 +296,12 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
     # Uᵀ Y is a GEMM a·Y and Y − U W a GEMM aᵀ·Ew accumulated into it, neither transposed, over
     # chunks of c rows that keep the (N, c, d_out) temporaries within CHUNK64 (cache-sized).
     @override
-    def block64(self, Y: Tensor) -> Tensor:
+    def block64(self, Y: Tensor, buf: Tensor | None = None) -> Tensor:
         if self.T != 1:
-            return super().block64(Y)
-        k = Y.shape[0]
-        B = torch.empty(self.d_in, k, self.d_out, dtype=torch.float64, device=Y.device)
+            return super().block64(Y, buf)
+        k, shape = Y.shape[0], (self.d_in, Y.shape[0], self.d_out)
+        B = torch.empty(shape, dtype=torch.float64, device=Y.device) if buf is None \
+            else buf.view(shape)
         return B.copy_(Y.reshape(k, self.d_out, self.d_in).permute(2, 0, 1))
 
     @override
@@ -312,8 +313,10 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
         out = torch.empty(self.N, self.R, k, dtype=torch.float64, device=B.device)
         c = max(1, min(k, CHUNK64 // max(1, self.N * o)))  # (N, c, o) temporaries ≤ CHUNK64
         for j in range(0, k, c):  # (Y_k a_n)_o for c right-hand sides, then e_{nr}·
-            VA = (a @ B[:, j:j + c].reshape(self.d_in, -1)).view(self.N, -1, o)
-            out[:, :, j:j + c] = torch.bmm(e, VA.transpose(1, 2))
+            cc = min(c, k - j)
+            VA = scratch("outer.VA", (self.N, cc * o), torch.float64, B.device)
+            torch.mm(a, B[:, j:j + cc].reshape(self.d_in, -1), out=VA)
+            out[:, :, j:j + cc] = torch.bmm(e, VA.view(self.N, cc, o).transpose(1, 2))
         return out.view(self.rank, k)
 
     @override
@@ -323,7 +326,7 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
         f, k, o = self._as64(), B.shape[1], self.d_out
         a, e, W = f.a[:, 0, :], f.e[:, 0, :], W.to(torch.float64)
         c = max(1, min(k, CHUNK64 // max(1, self.N * o)))  # (N, c, o) temporaries ≤ CHUNK64
-        buf = torch.empty(self.N, c, o, dtype=torch.float64, device=B.device)
+        buf = scratch("outer.Ew", (self.N, c, o), torch.float64, B.device)
         for j in range(0, k, c):
             cc = min(c, k - j)
             Wj, Ew = W[:, j:j + cc], (buf if cc == c else buf[:, :cc].contiguous())

@@ -88,7 +88,7 @@ from curvkit.linalg.lowrank import (
     StackedFactor,
     column_group_grams,
 )
-from curvkit.linalg.memory import available_memory_bytes, check_memory
+from curvkit.linalg.memory import available_memory_bytes, check_memory, scratch
 from curvkit.linalg.operator import Damping, LinearOperator
 from curvkit.linalg.outer import colmajor
 
@@ -305,7 +305,9 @@ class Woodbury(LinearOperator):
             # one rounding (the same care as the dual solve; module doc). y is widened once per
             # parameter block into a float64 working copy (LowRankFactor.block64), on which both
             # products are plain float64 GEMMs and y − V w is accumulated in place.
-            ys = [b.block64(y[:, lo:hi]) for b, lo, hi in zip(blocks, bounds[:-1], bounds[1:])]
+            work = scratch("woodbury.draws", (kk * P,), torch.float64, self.device)
+            ys = [b.block64(y[:, lo:hi], work[kk * lo:kk * hi])
+                  for b, lo, hi in zip(blocks, bounds[:-1], bounds[1:])]
             u = math.sqrt(c) * z
             for b, yb in zip(blocks, ys):
                 u += b.block_rmatmat64(yb)
