@@ -164,13 +164,9 @@ class LowRankFactor:
     # widened to float64 once, in the layout this factor's float64 GEMMs run fastest on; the
     # default layout is ``(P, k)`` with ``Xᵀ`` contiguous.
     def block64(self, Y: Tensor, buf: Tensor | None = None) -> Tensor:
-        """A float64 working copy of the rows ``Y`` (``(k, P)``, any float dtype, any strides).
-
-        ``buf``: optional float64 storage of ``Y.numel()`` entries to hold the copy.
-        """
-        B = torch.empty(Y.shape, dtype=torch.float64, device=Y.device) if buf is None \
-            else buf.view(Y.shape)
-        return B.copy_(Y).T
+        """A float64 working copy of the rows ``Y`` (``(k, P)``, any dtype/strides), in ``buf``."""
+        B = torch.empty(Y.shape, dtype=torch.float64, device=Y.device) if buf is None else buf
+        return B.view(Y.shape).copy_(Y).T
 
     def block_rmatmat64(self, B: Tensor) -> Tensor:
         """``Uᵀ Y`` (``(M, k)``, float64, accumulated in float64) of a :meth:`block64` copy."""
