@@ -95,3 +95,20 @@ def test_solve_and_matvec_of_lists_match_the_flat_route(monkeypatch):
         F.solve([t * float("nan") for t in v], 0.1)
     with pytest.raises(ValueError, match=r"v has 2 tensors"):
         F.solve(v[:2], 0.1)
+
+
+def test_results_never_alias_the_reused_input_buffer(monkeypatch):
+    """An operator that returns its input: the list route copies it out of the reused buffer."""
+    monkeypatch.setattr(permutation, "MIN_RUN", 1)
+    torch.manual_seed(0)
+    model = BiasLast().double().eval()
+    x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (6,))
+    F = curvkit.fisher(model, x, y, kind="exact", structure="full")
+    monkeypatch.setattr(F.operator, "_solve", lambda X, damping, mode: X)
+    monkeypatch.setattr(F.operator, "_matmat", lambda X: X)
+    v1 = [torch.randn_like(p) for p in F.params]
+    v2 = [torch.randn_like(p) for p in F.params]
+    for apply in (lambda v: F.solve(v, 0.1), lambda v: F @ v):
+        r1 = apply(v1)
+        apply(v2)  # reuses the input buffer
+        assert all(torch.equal(a, b) for a, b in zip(r1, v1))

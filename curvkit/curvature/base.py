@@ -109,18 +109,18 @@ class Curvature(LinearOperator):
         if not self.permutation.direct_lists:
             return None
         self._check_list(v, "v")
-        X = self.permutation.list_to_layer(v)
-        return self.permutation.layer_to_list(self.operator._matmat(X))
+        X = self.permutation.list_to_layer(v, reuse=True)
+        return self.permutation.layer_to_list(self.permutation.owned(self.operator._matmat(X), X))
 
     def _solve_list(self, v: list[Tensor] | tuple[Tensor, ...], damping: Damping,
                     damping_mode: str) -> list[Tensor] | None:
         if not self.permutation.direct_lists:
             return None
         self._check_list(v, "v")
-        X = self.permutation.list_to_layer(v)
+        X = self.permutation.list_to_layer(v, reuse=True)
         self._check_rhs(X)
         Y = self.operator._solve(X, self._layer_damping(damping), damping_mode)
-        return self.permutation.layer_to_list(Y)
+        return self.permutation.layer_to_list(self.permutation.owned(Y, X))
 
     def layer_matrices(self, v) -> list[Tensor]:
         """Split a vector (any format) into per-layer ``W̃_l`` matrices ``(d_out, d_in)``."""

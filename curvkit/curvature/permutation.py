@@ -21,6 +21,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from curvkit.linalg.memory import scratch
+
 __all__ = ["LayerPermutation"]
 
 #: Minimum mean run length for the slice route (else the gather).
@@ -154,10 +156,26 @@ class LayerPermutation:
         """Whether lists go to and from layer space directly (the slice route of a permutation)."""
         return self.runs is not None
 
-    def list_to_layer(self, v: Sequence[Tensor]) -> Tensor:
-        """Per-parameter tensors -> layer-space ``(P, 1)`` in one concatenation (needs runs)."""
+    def list_to_layer(self, v: Sequence[Tensor], reuse: bool = False) -> Tensor:
+        """Per-parameter tensors -> layer-space ``(P, 1)`` in one concatenation (needs runs).
+
+        ``reuse=True`` writes into one ``P``-sized buffer per thread kept between calls
+        (:func:`curvkit.linalg.memory.scratch`; it holds ``P`` entries of the dtype, e.g. 45 MB for
+        11M float32 parameters), so a solve pays no page faults for its input copy. The caller
+        must not return that buffer or a view of it (see :meth:`owned`).
+        """
         flat = [t.reshape(-1) for t in v]
-        return torch.cat([flat[i][a:b] for i, a, b in self._pieces]).unsqueeze(1)
+        pieces = [flat[i][a:b] for i, a, b in self._pieces]
+        if not reuse:
+            return torch.cat(pieces).unsqueeze(1)
+        buf = scratch("permutation.in", (self.size,), v[0].dtype, v[0].device, limit=self.size)
+        return torch.cat(pieces, out=buf).unsqueeze(1)
+
+    @staticmethod
+    def owned(Y: Tensor, X: Tensor) -> Tensor:
+        """``Y``, copied if it shares memory with the reused input buffer ``X``."""
+        same = Y.untyped_storage().data_ptr() == X.untyped_storage().data_ptr()
+        return Y.clone() if same else Y
 
     def layer_to_list(self, Y: Tensor) -> list[Tensor]:
         """Layer-space ``(P, 1)`` -> per-parameter tensors, views of ``Y`` where contiguous."""

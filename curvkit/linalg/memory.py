@@ -21,7 +21,7 @@ _SCRATCH = threading.local()
 
 
 def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype,
-            device: torch.device | str) -> torch.Tensor:
+            device: torch.device | str, limit: int = SCRATCH_MAX) -> torch.Tensor:
     """An uninitialised work buffer of ``shape``, reused across calls on this thread (CPU).
 
     A fresh CPU allocation of a few MB is returned to the operating system when it is freed, and
@@ -29,21 +29,23 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype,
     2-core VM, as long as the GEMM that fills it). Chunked loops that allocate the same buffer for
     every layer and right-hand side therefore take one buffer per ``slot`` from here. Each call
     with the same ``slot`` returns the same memory, so a caller must be done with the previous
-    buffer of that slot; buffers above :data:`SCRATCH_MAX` entries and non-CPU devices get a plain
-    ``torch.empty`` (the CUDA caching allocator already reuses memory).
+    buffer of that slot; buffers above ``limit`` entries (default :data:`SCRATCH_MAX`) and non-CPU
+    devices get a plain ``torch.empty`` (the CUDA caching allocator already reuses memory).
 
     Args:
         slot: a name unique to the caller's use (two live buffers need two slots).
         shape: the buffer's shape.
         dtype: its dtype.
         device: its device.
+        limit: the largest buffer (entries) kept for reuse; a caller that keeps a ``P``-sized
+            buffer passes ``P`` and states the retained memory.
 
     Returns:
         A contiguous tensor of ``shape`` with arbitrary contents.
     """
     device = torch.device(device)
     n = math.prod(shape)
-    if device.type != "cpu" or n > SCRATCH_MAX:
+    if device.type != "cpu" or n > limit:
         return torch.empty(shape, dtype=dtype, device=device)
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
