@@ -74,6 +74,7 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
             gram_route = self.cheaper_gram_route()
         self.gram_route = gram_route
         self._f64: OuterProductFactor | None = None
+        self._G64: Tensor | bool | None = None  # explicit float64 columns: None = not decided yet
 
     def cheaper_gram_route(self) -> str:
         """Pick the Gram route with fewer flops (``T = 1``: always Hadamard)."""
@@ -105,9 +106,23 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
             out.append(torch.einsum("nrto,ntok->nrk", e, VA).reshape(self.rank, -1))
         return torch.cat(out, 1) if out else X.new_zeros(self.rank, 0)
 
+    def _rhs_step(self, element_size: int) -> int:
+        """Right-hand sides per chunk so that ``Ẽ`` (``k × d_out × N·T``) stays ≤ ``CHUNK_BYTES``."""
+        return max(1, CHUNK_BYTES // max(1, element_size * self.d_out * self.N * self.T))
+
     @override
     def matmat(self, W: Tensor) -> Tensor:
         k = W.shape[1]
+        if self.dtype == torch.float64 and W.dtype == torch.float64:
+            G = self.explicit64()
+            if G is not None:
+                return G.T @ W
+        step = self._rhs_step(W.element_size())
+        if k > step:  # many right-hand sides (e.g. draws): chunks, column-major result
+            out = torch.empty(k, self.size, dtype=W.dtype, device=W.device)
+            for j in range(0, k, step):
+                out[j:j + step] = self.matmat(W[:, j:j + step]).T
+            return out.T
         Wr = W.reshape(self.N, self.R, k)
         if self.T == 1:  # (Σ_r W_{nrk} e_{nr}) by a batched GEMM, then one GEMM with a
             Ew = torch.bmm(Wr.transpose(1, 2), self.e[:, 0, :].reshape(self.N, self.R, self.d_out))
@@ -226,6 +241,22 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
                                             (a @ a.T)[:, None, :, None])
         return K
 
+    def explicit64(self) -> Tensor | None:
+        """``U`` as an explicit ``(M, P)`` float64 matrix when that is the cheaper route (cached).
+
+        With ``T > 1`` locations a product through ``(a, e)`` costs ``2·N·T·P`` flops per
+        right-hand side, through the explicit columns ``2·M·P``: fewer when ``R < T``. They are
+        formed (``2·M·T·P`` flops, once) only when they are no larger than the stored ``a`` and
+        ``e`` (``M·P ≤ N·T·d_in + M·T·d_out``), so the memory at most doubles. ``None`` otherwise
+        (and for ``T = 1``, where the location route is already ``2·N·P``).
+        """
+        if self._G64 is None:
+            N, R, T, M = self.N, self.R, self.T, self.rank
+            small = M * self.size <= N * T * self.d_in + M * T * self.d_out
+            self._G64 = self._as64().per_sample_gradients().reshape(M, self.size) \
+                if T > 1 and R < T and small else False
+        return self._G64 if isinstance(self._G64, Tensor) else None
+
     def rmatmat64(self, X: Tensor) -> Tensor:
         """``Uᵀ X`` accumulated in float64; ``X`` ``(P, k)`` of any float dtype -> ``(M, k)`` float64.
 
@@ -233,7 +264,11 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
         ``P``-sized float64 copy is made; with ``A = a`` as ``(N·T, d_in)`` rows,
         ``u_{nr} = Σ_t e_{nrt}ᵀ (V a_{nt})`` takes one GEMM ``V_chunk Aᵀ`` per chunk.
         """
-        f = self._as64()
+        f, G = self._as64(), self.explicit64()
+        if G is not None:  # explicit columns (T > 1): X widened in chunks of right-hand sides
+            step = max(1, CHUNK_BYTES // (8 * self.size))
+            return torch.cat([G @ X[:, j:j + step].to(torch.float64)
+                              for j in range(0, X.shape[1], step)], dim=1)
         if X.dtype == torch.float64:  # float64 X: the plain GEMMs of the float64 factor
             return f.rmatmat(X)
         k, o, d, N, R, T = X.shape[1], self.d_out, self.d_in, self.N, self.R, self.T
@@ -270,6 +305,18 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
         if out is None:
             out = torch.empty_like(X)
         k, o, d, N, R, T = X.shape[1], self.d_out, self.d_in, self.N, self.R, self.T
+        G = self.explicit64()
+        if G is not None:  # explicit columns (T > 1): scale·(X − Gᵀ W) per chunk of columns
+            step = max(1, CHUNK_BYTES // (8 * self.size))
+            for j in range(0, k, step):
+                Y = X[:, j:j + step].to(torch.float64, copy=True)
+                out[:, j:j + step] = Y.addmm_(G.T, W[:, j:j + step], beta=scale, alpha=-scale)
+            return out
+        step = self._rhs_step(8)
+        if k > step:  # bounds the (k, o, N·T) float64 Ẽ; out's columns are views (one split)
+            for j in range(0, k, step):
+                self.sub_matmat64(X[:, j:j + step], W[:, j:j + step], scale, out=out[:, j:j + step])
+            return out
         a = f.a.reshape(N * T, d)
         Ew = torch.einsum("nrk,nrto->kont", W.reshape(N, R, k), f.e.reshape(N, R, T, o))
         Ew = Ew.reshape(k, o, N * T)  # (k, o, N·T)
