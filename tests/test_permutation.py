@@ -112,3 +112,19 @@ def test_results_never_alias_the_reused_input_buffer(monkeypatch):
         r1 = apply(v1)
         apply(v2)  # reuses the input buffer
         assert all(torch.equal(a, b) for a, b in zip(r1, v1))
+
+
+def test_matvec_of_a_list_stays_differentiable(monkeypatch):
+    """``F @ v`` for a list that requires grad keeps the autograd graph (no reused buffer)."""
+    monkeypatch.setattr(permutation, "MIN_RUN", 1)
+    torch.manual_seed(0)
+    model = BiasLast().double().eval()
+    x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (6,))
+    F = curvkit.fisher(model, x, y, kind="exact", structure="full")
+    assert F.permutation.direct_lists
+    v = [torch.randn_like(p, requires_grad=True) for p in F.params]
+    quad = sum((a * b).sum() for a, b in zip(v, F @ v))  # vᵀ F v, gradient 2 F v
+    grads = torch.autograd.grad(quad, v)
+    Fv = F @ [t.detach() for t in v]
+    for g, fv in zip(grads, Fv):
+        torch.testing.assert_close(g, 2 * fv)

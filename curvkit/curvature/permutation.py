@@ -166,6 +166,8 @@ class LayerPermutation:
         """
         flat = [t.reshape(-1) for t in v]
         pieces = [flat[i][a:b] for i, a, b in self._pieces]
+        if reuse and torch.is_grad_enabled() and any(t.requires_grad for t in v):
+            reuse = False  # autograd through the concatenation (e.g. F @ v in a penalty)
         if not reuse:
             return torch.cat(pieces).unsqueeze(1)
         buf = scratch("permutation.in", (self.size,), v[0].dtype, v[0].device, limit=self.size)
