@@ -74,12 +74,17 @@ class BiasLast(nn.Module):
         return self.fc(self.bn(self.conv(x)).flatten(1))
 
 
-def test_solve_and_matvec_of_lists_match_the_flat_route(monkeypatch):
+@pytest.fixture
+def F(monkeypatch):
+    """The exact full Fisher of :class:`BiasLast` on the run route (layout ≠ parameter order)."""
     monkeypatch.setattr(permutation, "MIN_RUN", 1)  # this tiny model: the run route
     torch.manual_seed(0)
     model = BiasLast().double().eval()
     x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (6,))
-    F = curvkit.fisher(model, x, y, kind="exact", structure="full")
+    return curvkit.fisher(model, x, y, kind="exact", structure="full")
+
+
+def test_solve_and_matvec_of_lists_match_the_flat_route(F):
     assert F.permutation.direct_lists and not F.permutation.identity
     v = [torch.randn_like(p) for p in F.params]
     flat = torch.cat([t.reshape(-1) for t in v])
@@ -97,13 +102,8 @@ def test_solve_and_matvec_of_lists_match_the_flat_route(monkeypatch):
         F.solve(v[:2], 0.1)
 
 
-def test_results_never_alias_the_reused_input_buffer(monkeypatch):
+def test_results_never_alias_the_reused_input_buffer(F, monkeypatch):
     """An operator that returns its input: the list route copies it out of the reused buffer."""
-    monkeypatch.setattr(permutation, "MIN_RUN", 1)
-    torch.manual_seed(0)
-    model = BiasLast().double().eval()
-    x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (6,))
-    F = curvkit.fisher(model, x, y, kind="exact", structure="full")
     monkeypatch.setattr(F.operator, "_solve", lambda X, damping, mode: X)
     monkeypatch.setattr(F.operator, "_matmat", lambda X: X)
     v1 = [torch.randn_like(p) for p in F.params]
@@ -114,13 +114,8 @@ def test_results_never_alias_the_reused_input_buffer(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(r1, v1))
 
 
-def test_matvec_of_a_list_stays_differentiable(monkeypatch):
+def test_matvec_of_a_list_stays_differentiable(F):
     """``F @ v`` for a list that requires grad keeps the autograd graph (no reused buffer)."""
-    monkeypatch.setattr(permutation, "MIN_RUN", 1)
-    torch.manual_seed(0)
-    model = BiasLast().double().eval()
-    x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 4, (6,))
-    F = curvkit.fisher(model, x, y, kind="exact", structure="full")
     assert F.permutation.direct_lists
     v = [torch.randn_like(p, requires_grad=True) for p in F.params]
     quad = sum((a * b).sum() for a, b in zip(v, F @ v))  # vᵀ F v, gradient 2 F v

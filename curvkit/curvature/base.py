@@ -73,7 +73,6 @@ class Curvature(LinearOperator):
         self.captured = captured
         self.info = dict(info or {})
         self.damping_modes = operator.damping_modes
-        self._identity = index is None
         self.permutation = LayerPermutation(index, [p.shape for p in self.params], self.device)
 
     @property
@@ -165,7 +164,7 @@ class Curvature(LinearOperator):
     def _inverse_quad_blocks(self, J, R: int, damping) -> Tensor:
         from curvkit.linalg import DenseFactor
 
-        if not self._identity:
+        if not self.permutation.identity:
             J = DenseFactor(self.to_layer_space(J.dense(torch.float64)))
         return self.operator._inverse_quad_blocks(J, R, self._layer_damping(damping))
 
@@ -181,12 +180,12 @@ class Curvature(LinearOperator):
     def diagonal(self) -> Tensor:
         """The diagonal of ``F`` as a ``(P,)`` tensor, in ``params`` order."""
         d = self.operator.diagonal()
-        return d if self._identity else self.from_layer_space(d[:, None])[:, 0]
+        return self.from_layer_space(d[:, None])[:, 0]
 
     def to_dense(self) -> Tensor:
         """The explicit ``(P, P)`` matrix ``F`` in ``params`` order."""
         D = self.operator.to_dense()
-        if self._identity:
+        if self.permutation.identity:
             return D
         inv = self.permutation.inverse_index
         return D[inv][:, inv]

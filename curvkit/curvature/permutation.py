@@ -75,6 +75,7 @@ class LayerPermutation:
         """
         if self.identity:
             return None
+        limit = max(32, self.size // MIN_RUN)
         runs: list[tuple[int, int, int]] = []
         pos = 0
         for part in self._parts:
@@ -86,7 +87,7 @@ class LayerPermutation:
                 if length == 0:
                     continue
                 breaks = (torch.nonzero(idx[1:] - idx[:-1] != 1).reshape(-1) + 1).tolist()
-                if len(runs) + len(breaks) + 1 > max(32, self.size // MIN_RUN):
+                if len(runs) + len(breaks) + 1 > limit:  # fragmented: stop early
                     return None
                 starts, stops = [0, *breaks], [*breaks, idx.shape[0]]
                 part_runs = [(f, pos + s, e - s)
@@ -97,18 +98,26 @@ class LayerPermutation:
                 elif n:
                     runs.append((f, s, n))
             pos += length
-        if len(runs) > max(32, self.size // MIN_RUN):
-            return None
-        return runs
+        return runs if len(runs) <= limit else None
 
-    def _split(self, start: int, length: int):
-        """``(param, offset in param, stop in param)`` pieces of the flat range, in order."""
+    @cached_property
+    def _offsets(self) -> list[int]:
+        """Flat offset of each parameter."""
         offs, pos = [], 0
         for n in self.numels:
             offs.append(pos)
             pos += n
+        return offs
+
+    @cached_property
+    def _runs_in_flat_order(self) -> list[tuple[int, int, int]]:
+        assert self.runs is not None
+        return sorted(self.runs)
+
+    def _split(self, start: int, length: int):
+        """``(param, offset in param, stop in param)`` pieces of the flat range, in order."""
         stop = start + length
-        for i, (o, n) in enumerate(zip(offs, self.numels)):
+        for i, (o, n) in enumerate(zip(self._offsets, self.numels)):
             a, b = max(start, o), min(stop, o + n)
             if a < b:
                 yield i, a - o, b - o
@@ -124,9 +133,9 @@ class LayerPermutation:
         """Per parameter, its layer-space ranges in the parameter's own (flat) order."""
         assert self.runs is not None
         segs: list[list[tuple[int, int]]] = [[] for _ in self.shapes]
-        for f, s, _n in sorted(self.runs):
-            for i, a, b in self._split(f, _n):
-                lo = s + (sum(self.numels[:i]) + a - f)
+        for f, s, n in self._runs_in_flat_order:
+            for i, a, b in self._split(f, n):
+                lo = s + (self._offsets[i] + a - f)
                 segs[i].append((lo, lo + b - a))
         return segs
 
@@ -144,7 +153,7 @@ class LayerPermutation:
         if self.identity:
             return Y
         if self.runs is not None:  # the runs in flat order; together they cover every entry once
-            return torch.cat([Y[s:s + n] for _, s, n in sorted(self.runs)])
+            return torch.cat([Y[s:s + n] for _, s, n in self._runs_in_flat_order])
         inv = self.inverse_index  # out[index] = Y, as a gather (faster than the scatter)
         if Y.dim() == 2 and Y.shape[1] > 1 and Y.stride(0) == 1:  # column-major: gather columns of Yᵀ
             return Y.T.index_select(1, inv).T

@@ -257,6 +257,10 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
                 if T > 1 and R < T and small else False
         return self._G64 if isinstance(self._G64, Tensor) else None
 
+    def _explicit_step(self) -> int:
+        """Right-hand sides per chunk of the explicit route (a ``P × step`` float64 copy of ``X``)."""
+        return max(1, CHUNK_BYTES // (8 * self.size))
+
     def rmatmat64(self, X: Tensor) -> Tensor:
         """``Uᵀ X`` accumulated in float64; ``X`` ``(P, k)`` of any float dtype -> ``(M, k)`` float64.
 
@@ -266,7 +270,7 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
         """
         f, G = self._as64(), self.explicit64()
         if G is not None:  # explicit columns (T > 1): X widened in chunks of right-hand sides
-            step = max(1, CHUNK_BYTES // (8 * self.size))
+            step = self._explicit_step()
             return torch.cat([G @ X[:, j:j + step].to(torch.float64)
                               for j in range(0, X.shape[1], step)], dim=1)
         if X.dtype == torch.float64:  # float64 X: the plain GEMMs of the float64 factor
@@ -307,7 +311,7 @@ class OuterProductFactor(WeightedBlockGrams, LowRankFactor):
         k, o, d, N, R, T = X.shape[1], self.d_out, self.d_in, self.N, self.R, self.T
         G = self.explicit64()
         if G is not None:  # explicit columns (T > 1): scale·(X − Gᵀ W) per chunk of columns
-            step = max(1, CHUNK_BYTES // (8 * self.size))
+            step = self._explicit_step()
             for j in range(0, k, step):
                 Y = X[:, j:j + step].to(torch.float64, copy=True)
                 out[:, j:j + step] = Y.addmm_(G.T, W[:, j:j + step], beta=scale, alpha=-scale)
